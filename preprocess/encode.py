@@ -1,0 +1,60 @@
+"""One MIDI file -> one :class:`musicbert.shards.Song` (tokens of the kept bars + labels).
+
+:func:`song_from_midi` is what every preprocessing worker runs on a file. It raises
+:class:`preprocess.errors.MidiRejected` (with a reason) for every file it does not use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import miditoolkit
+import numpy as np
+
+from musicbert.shards import Song
+from preprocess.errors import MidiRejected
+from preprocess.labels import bar_labels
+from preprocess.midi import Limits, check_4_4, note_table, read_midi
+from preprocess.remi import encode_notes
+
+
+def song_id(rel_path: str) -> str:
+    """16 hex digits of the SHA-256 of the song's path relative to the corpus root (POSIX form)."""
+    return hashlib.sha256(rel_path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def song_from_midifile(midi: miditoolkit.MidiFile, rel_path: str, limits: Limits = Limits(),
+                       chords: bool = True) -> Song:
+    """Encode an already parsed file (tests build these in memory)."""
+    if not any(inst.notes for inst in midi.instruments):
+        raise MidiRejected("no_notes", f"no notes in {len(midi.instruments)} instruments")
+    check_4_4(midi)
+    table = note_table(midi, limits)
+    remi = encode_notes(table, limits)
+    labels = bar_labels(table, remi, chords=chords)
+    song = Song(
+        id=song_id(rel_path),
+        path=rel_path,
+        tokens=remi.tokens,
+        offsets=remi.offsets,
+        bar_index=remi.kept.astype(np.int32),
+        instruments=labels.instruments,
+        chords=labels.chords,
+        groove=labels.groove,
+        tempo=labels.tempo,
+        velocity=labels.velocity,
+        duration=labels.duration,
+    )
+    song.validate()
+    return song
+
+
+def song_from_midi(path: str | Path, rel_path: str | None = None, limits: Limits = Limits(),
+                   chords: bool = True) -> Song:
+    """Read, check, quantise, tokenise and label one file; ``rel_path`` names it (default: ``path``)."""
+    rel = rel_path if rel_path is not None else Path(path).as_posix()
+    return song_from_midifile(read_midi(path, limits), rel, limits, chords=chords)
+
+
+__all__ = ["MidiRejected", "Limits", "song_from_midi", "song_from_midifile", "song_id"]
