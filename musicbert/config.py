@@ -164,6 +164,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} does not match {annotation}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads exponents without a dot (``1e-4``) as strings.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is type(None) and value is None:
         return None
     if isinstance(annotation, type) and isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):

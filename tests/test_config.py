@@ -26,6 +26,13 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert cfg.run_dir == "runs/x"
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; float fields accept it, in files and overrides.
+    path = write(tmp_path / "c.yaml", "train: {lr: 1e-4}\n")
+    assert load_config(path).train.lr == 1e-4
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4
+
+
 def test_unknown_key_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown key train\.max_stepz; valid keys of train: max_steps"):
         load_config(None, ["train.max_stepz=3"])
