@@ -1,0 +1,333 @@
+"""Packing bars (and their pair views) into the rows of a :class:`~musicbert.batch.Batch`.
+
+A *unit* is what must land in one batch: a masked anchor bar and, in the contrastive modes,
+its positive view. :class:`Packer` keeps a window (pool) of units and makes each batch by
+filling each row as full as possible with an exact subset-sum over the pool's units (see
+:meth:`Packer._place`); a unit that does not fit waits in the pool for a later batch. Units
+that have waited ``max_age`` batches go first, so none waits for ever. With a pool of a few
+batches' worth of bars this fills about 99% of the positions (bars are 30..512 tokens,
+rows 1024).
+
+Everything here is deterministic: the same units added in the same order give the same
+batches, which is what makes the training stream exactly resumable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from musicbert.batch import Batch
+from musicbert.vocab import VOCAB
+
+
+@dataclass
+class Piece:
+    """One bar as it enters the model."""
+
+    tokens: np.ndarray  # 1-D input ids (the masked view for anchors)
+    chosen: np.ndarray | None = None  # bool, positions whose original id is an MLM target (anchors only)
+    original: np.ndarray | None = None  # the unmasked ids (targets are original[chosen])
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class Unit:
+    """An anchor and its optional positive view: both go into the same batch."""
+
+    anchor: Piece
+    positive: Piece | None = None
+    key: tuple[int, ...] = ()  # where it came from (the training stream's state records it)
+    age: int = 0  # batches it has waited in the pool
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = len(self.anchor) + (len(self.positive) if self.positive is not None else 0)
+
+
+def _best_fit(free: np.ndarray, n: int) -> int:
+    """The fullest row with room for ``n`` tokens (lowest index on ties), or -1."""
+    room = np.where(free >= n, free, np.iinfo(np.int64).max)
+    r = int(np.argmin(room))
+    return r if free[r] >= n else -1
+
+
+def _subset_sum(sizes: list[int], cap: int) -> list[int]:
+    """Indices of a subset of ``sizes`` with the largest sum <= ``cap``; earlier items preferred."""
+    if cap <= 0 or not sizes:
+        return []
+    mask = (1 << (cap + 1)) - 1
+    reach = [1]  # reach[i]: bit t set <=> some subset of sizes[:i] sums to t
+    r = 1
+    for s in sizes:
+        r = (r | (r << s)) & mask
+        reach.append(r)
+        if (r >> cap) & 1:
+            break
+    t = r.bit_length() - 1
+    chosen = []
+    for i in range(len(reach) - 2, -1, -1):
+        if t == 0:
+            break
+        if not (reach[i] >> t) & 1:  # t needs item i
+            chosen.append(i)
+            t -= sizes[i]
+    return chosen
+
+
+class Packer:
+    """Pool of units -> batches of ``n_rows`` x ``row_len``.
+
+    ``window_tokens`` is how many tokens the caller keeps in the pool before each batch
+    (see :meth:`wants_more`); more gives tighter packing at the cost of memory and delay.
+    """
+
+    def __init__(
+        self,
+        n_rows: int,
+        row_len: int,
+        window_tokens: int | None = None,
+        max_age: int | None = None,
+        pad_id: int = VOCAB.pad_id,
+    ):
+        if n_rows < 1 or row_len < 1:
+            raise ValueError(f"need at least one row of at least one token, got {n_rows} x {row_len}")
+        self.n_rows = n_rows
+        self.row_len = row_len
+        # Three batches' worth of tokens, and at least 32 rows' worth so that small batches
+        # still choose among enough bars; units wait about window / batch batches on average.
+        self.window_tokens = window_tokens if window_tokens is not None else max(3 * n_rows * row_len, 32 * row_len)
+        self.max_age = max_age if max_age is not None else 4 * math.ceil(self.window_tokens / (n_rows * row_len))
+        self.pad_id = pad_id
+        self.pool: list[Unit] = []
+        self.pool_tokens = 0
+
+    def wants_more(self) -> bool:
+        return self.pool_tokens < self.window_tokens
+
+    def add(self, unit: Unit) -> None:
+        # A piece longer than a row could never be placed; cut it (bars are at most 512
+        # tokens and rows at least model.max_len, so this only happens with odd settings).
+        for piece in (unit.anchor, unit.positive):
+            if piece is not None and len(piece) > self.row_len:
+                piece.tokens = piece.tokens[: self.row_len]
+                if piece.chosen is not None:
+                    piece.chosen = piece.chosen[: self.row_len]
+                    piece.original = piece.original[: self.row_len]
+        unit.__post_init__()
+        self.pool.append(unit)
+        self.pool_tokens += unit.size
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def _place(self) -> list[tuple[int, int, int | None]]:
+        """Choose the batch: ``(unit index, anchor row, positive row or None)`` per placed unit.
+
+        1. Rows are filled one by one, each as full as possible: first with the pieces that
+           are due (those of units that have waited ``max_age`` batches or are longer than a
+           row, then partners of pieces in earlier rows), then with an exact subset-sum (a
+           bitset dynamic programme) over the pieces of the units not yet placed, older
+           units preferred among equally good fills. A piece chosen without its partner
+           makes the partner due; in the last row a piece goes alone only if its partner
+           fits into another row's gap.
+        2. A due piece that finds no room takes its unit out again; remaining gaps take any
+           unit whose pieces fit into them (best fit, largest first).
+        """
+        pool, L, R = self.pool, self.row_len, self.n_rows
+        free = np.full(R, L, dtype=np.int64)
+        row_of: dict[tuple[int, int], int] = {}  # (unit, 0 = anchor / 1 = positive) -> row
+
+        piece_sizes = [
+            (len(u.anchor),) if u.positive is None else (len(u.anchor), len(u.positive)) for u in pool
+        ]
+        sizes = piece_sizes.__getitem__
+
+        n_in = [0] * len(pool)  # pieces of each unit placed so far
+
+        def put(i: int, k: int, r: int) -> None:
+            row_of[(i, k)] = r
+            n_in[i] += 1
+            free[r] -= sizes(i)[k]
+
+        def fit_unit(i: int) -> bool:
+            rows = []
+            for k, n in enumerate(sizes(i)):
+                r = _best_fit(free, n)
+                if r < 0:
+                    for k2, r2 in enumerate(rows):
+                        free[r2] += sizes(i)[k2]
+                    return False
+                free[r] -= n
+                rows.append(r)
+            for k, r in enumerate(rows):
+                row_of[(i, k)] = r
+            n_in[i] = len(rows)
+            return True
+
+        def take_out(i: int, k: int) -> None:
+            free[row_of.pop((i, k))] += sizes(i)[k]
+            n_in[i] -= 1
+
+        by_size = sorted(range(len(pool)), key=lambda i: (-pool[i].size, i))
+        by_age = sorted(range(len(pool)), key=lambda i: (-pool[i].age, i))
+        # Pieces that must go in: those of old (oldest first) or oversized units, then partners of placed pieces.
+        due = [(i, k) for i in by_age if pool[i].age >= self.max_age or pool[i].size > L for k in range(len(sizes(i)))]
+        for r in range(R):
+            later = []
+            for i, k in due:
+                if sizes(i)[k] <= free[r]:
+                    put(i, k, r)
+                else:
+                    later.append((i, k))
+            due = later
+            due_units = {i for i, _ in due}
+            last = r == R - 1
+            # In the last row, a piece goes alone only if its partner fits into another row's gap.
+            room_elsewhere = int(np.delete(free, r).max()) if last and R > 1 else L
+            cap = int(free[r])
+            items: list[tuple[int, list[tuple[int, int]]]] = []
+            for i in by_age:
+                n = piece_sizes[i]
+                if n[0] > cap and (len(n) == 1 or n[1] > cap):
+                    continue
+                if n_in[i] or i in due_units:
+                    continue
+                if len(n) == 1:
+                    items.append((n[0], [(i, 0)]))
+                    continue
+                if last:
+                    items.append((n[0] + n[1], [(i, 0), (i, 1)]))
+                items += [(n[k], [(i, k)]) for k in (0, 1) if not last or n[1 - k] <= room_elsewhere]
+            items = [it for it in items if it[0] <= cap]
+            chosen = [items[j] for j in _subset_sum([n for n, _ in items], cap)]
+            for _, pieces in chosen:
+                for i, k in pieces:
+                    put(i, k, r)
+            for _, pieces in chosen:
+                for i, k in pieces:
+                    if len(sizes(i)) == 2 and (i, 1 - k) not in row_of:
+                        due.append((i, 1 - k))
+        for i, k in due:
+            r = _best_fit(free, sizes(i)[k])
+            if r >= 0:
+                put(i, k, r)
+            elif (i, 1 - k) in row_of:  # take the unit out again
+                take_out(i, 1 - k)
+        # Units of which one piece found room and the other did not (both were due).
+        for i, k in [key for key in row_of if len(sizes(key[0])) == 2 and n_in[key[0]] == 1]:
+            take_out(i, k)
+        smallest = min((piece_sizes[i][0] for i in range(len(pool)) if not n_in[i]), default=L + 1)
+        for i in by_size:
+            if free.max() < smallest:
+                break
+            if not n_in[i]:
+                fit_unit(i)
+        placed = [(i, r, row_of.get((i, 1))) for (i, k), r in row_of.items() if k == 0]
+        if not placed and pool:
+            # Only possible when one unit is larger than the whole batch (a single row shorter
+            # than anchor + positive): send its anchor alone rather than stall.
+            pool[by_size[0]].positive = None
+            placed.append((by_size[0], 0, None))
+        return placed
+
+    def next_batch(self) -> Batch:
+        """Pack a batch from the pool; units left over wait (age + 1). An empty pool gives an empty batch."""
+        placed = self._place()
+        rows: list[list[tuple[Piece, int]]] = [[] for _ in range(self.n_rows)]  # (piece, pair id or -1)
+        for pair_id, (i, ra, rp) in enumerate(placed):
+            unit = self.pool[i]
+            has_pair = rp is not None
+            rows[ra].append((unit.anchor, pair_id if has_pair else -1))
+            if has_pair:
+                rows[rp].append((unit.positive, -2 - pair_id))
+        batch = self._build(rows, len(placed))
+        taken = {i for i, _, _ in placed}
+        rest = [u for k, u in enumerate(self.pool) if k not in taken]
+        for u in rest:
+            u.age += 1
+        self.pool = rest
+        self.pool_tokens = sum(u.size for u in rest)
+        return batch
+
+    def _build(self, rows: list[list[tuple[Piece, int]]], n_units: int) -> Batch:
+        R, L = self.n_rows, self.row_len
+        tokens = np.full((R, L), self.pad_id, dtype=np.int64)
+        segments = np.zeros((R, L), dtype=np.int64)
+        mlm_mask = np.zeros((R, L), dtype=bool)
+        originals = np.zeros((R, L), dtype=np.int64)
+        anchor_bar = np.full(n_units, -1, dtype=np.int64)
+        positive_bar = np.full(n_units, -1, dtype=np.int64)
+        bar = 0
+        for r, pieces in enumerate(rows):
+            col = 0
+            for seg, (piece, tag) in enumerate(pieces, start=1):
+                n = len(piece)
+                tokens[r, col : col + n] = piece.tokens
+                segments[r, col : col + n] = seg
+                if piece.chosen is not None:
+                    mlm_mask[r, col : col + n] = piece.chosen
+                    originals[r, col : col + n] = piece.original
+                if tag >= 0:
+                    anchor_bar[tag] = bar
+                elif tag <= -2:
+                    positive_bar[-2 - tag] = bar
+                col += n
+                bar += 1
+        paired = positive_bar >= 0
+        return Batch(
+            tokens=torch.from_numpy(tokens),
+            segments=torch.from_numpy(segments),
+            mlm_mask=torch.from_numpy(mlm_mask),
+            mlm_targets=torch.from_numpy(originals[mlm_mask]),
+            pair_anchor=torch.from_numpy(anchor_bar[paired]),
+            pair_positive=torch.from_numpy(positive_bar[paired]),
+        )
+
+
+def empty_batch(n_rows: int, row_len: int, pad_id: int = VOCAB.pad_id) -> Batch:
+    """A batch with no bars (all ``<pad>``): what a rank whose validation share ran out yields."""
+    return Packer(n_rows, row_len, pad_id=pad_id)._build([[] for _ in range(n_rows)], 0)
+
+
+# One tensor per batch between processes: DataLoader shares every tensor through its own
+# shared-memory segment and socket message, which costs more than making the batch.
+_HEADER = 4  # int64 words: R, L, M, P
+
+
+def batch_to_buffer(batch: Batch) -> torch.Tensor:
+    """All of ``batch`` in one uint8 tensor (see :func:`batch_from_buffer`)."""
+    R, L = batch.tokens.shape
+    M, P = batch.mlm_targets.shape[0], batch.pair_anchor.shape[0]
+    words = np.concatenate(  # NumPy: torch.cat is ~100x slower on these small mixed views
+        [
+            np.array([R, L, M, P], dtype=np.int64),
+            batch.tokens.numpy().reshape(-1),
+            batch.segments.numpy().reshape(-1),
+            batch.mlm_targets.numpy(),
+            batch.pair_anchor.numpy(),
+            batch.pair_positive.numpy(),
+        ]
+    )
+    return torch.from_numpy(np.concatenate([words.view(np.uint8), batch.mlm_mask.numpy().reshape(-1).view(np.uint8)]))
+
+
+def batch_from_buffer(buf: torch.Tensor) -> Batch:
+    """The batch packed by :func:`batch_to_buffer`; its fields are views of ``buf`` (pinned if it is)."""
+    R, L, M, P = (int(x) for x in buf[: 8 * _HEADER].view(torch.int64))
+    n_words = _HEADER + 2 * R * L + M + 2 * P
+    words = buf[: 8 * n_words].view(torch.int64)
+    cuts = np.cumsum([_HEADER, R * L, R * L, M, P, P]).tolist()
+    return Batch(
+        tokens=words[cuts[0] : cuts[1]].view(R, L),
+        segments=words[cuts[1] : cuts[2]].view(R, L),
+        mlm_mask=buf[8 * n_words : 8 * n_words + R * L].view(torch.bool).view(R, L),
+        mlm_targets=words[cuts[2] : cuts[3]],
+        pair_anchor=words[cuts[3] : cuts[4]],
+        pair_positive=words[cuts[4] : cuts[5]],
+    )
