@@ -1,0 +1,309 @@
+"""Training checkpoints: atomic writes, a checksum beside each file, newest-valid-first resume.
+
+Layout (``RUN_DIR/checkpoints/``)::
+
+    step_00002000.pt          torch.save of the dict below (loadable with weights_only=True)
+    step_00002000.pt.sha256   "<hex digest>  step_00002000.pt" (``sha256sum -c`` reads it)
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then
+renamed over its final name with :func:`os.replace` (atomic on POSIX), and the folder is
+fsynced; the ``.sha256`` file is written the same way right after. A crash therefore leaves
+either the old set of checkpoints or the old set plus a complete new one, never a
+half-written file under a final name. Only the newest ``keep`` checkpoints are kept.
+
+Reading (:func:`find_latest`): checkpoints are tried newest first; one that is truncated,
+corrupt (checksum mismatch, not a zip, missing keys) or from another format is reported with
+a logged warning naming the file and the reason, and the previous one is tried. A file
+without its ``.sha256`` (a crash between the two renames, or a copy) is accepted if it loads
+and has the expected keys.
+
+Checkpoint dict (``FORMAT_VERSION`` 1); only tensors, numbers, strings, None and
+lists/tuples/dicts of those, so ``torch.load(weights_only=True)`` reads it:
+
+============== ==================================================================
+key            value
+============== ==================================================================
+format         ``"musicbert-checkpoint"``
+format_version 1
+step           optimizer steps taken (training resumes at step + 1)
+model          state_dict of the unwrapped model (no ``module.`` prefix)
+optimizer      AdamW state_dict
+schedule       :class:`musicbert.schedule.NoamSchedule` state_dict
+scaler         GradScaler state_dict (``{}`` when no scaler is used)
+world_size     number of ranks that wrote it
+rng            list, one per rank: see :func:`rng_state`
+data           list, one per rank: the rank's ``TrainStream.state_dict()``
+config         ``Config.to_dict()`` of the run
+vocab_sha256   hash of the vocabulary the model was trained with
+extra          dict: counters of the loop (skipped steps, tokens seen, wall time)
+============== ==================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "musicbert-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "format_version", "step", "model", "config", "vocab_sha256")
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is unusable; the message names the file and the reason."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint file in ``RUN_DIR/checkpoints``, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        m = _NAME.match(path.name)
+        if m and path.is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class _HashingWriter:
+    """File wrapper that hashes what torch.save writes through it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> Any:
+    """Write ``path`` via a temporary file + fsync + os.replace; ``write(f)`` fills the file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return result
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` atomically, then keep only the newest ``keep``.
+
+    ``state`` must hold the keys of the module docstring (``format`` and ``step`` are set here).
+    Call on one rank only.
+    """
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(run_dir, step)
+    state = {**state, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": int(step)}
+
+    def write_pt(f):
+        w = _HashingWriter(f)
+        torch.save(state, w)
+        return w.sha.hexdigest()
+
+    digest = _atomic_write(path, write_pt)
+    _atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    prune_checkpoints(run_dir, keep)
+    return path
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (and their checksums), and stale temp files."""
+    found = list_checkpoints(run_dir)
+    for _, path in found[: max(0, len(found) - keep)]:
+        for p in (path, path.with_name(path.name + ".sha256")):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+    for tmp in checkpoint_dir(run_dir).glob(".step_*.tmp"):
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and check one checkpoint file (weights_only=True); raise :class:`CheckpointError` naming why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file():
+        expected = sidecar.read_text().split()[:1]
+        actual = _file_sha256(path)
+        if expected != [actual]:
+            raise CheckpointError(
+                f"{path}: checksum mismatch (file is truncated or corrupt; {sidecar.name} says "
+                f"{(expected or ['nothing'])[0][:16]}..., file hashes to {actual[:16]}..., size {path.stat().st_size} bytes)"
+            )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is unusable
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'empty or truncated'})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint dict (got {type(state).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a musicbert checkpoint (missing keys {missing})")
+    if state["format"] != FORMAT_NAME or state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {state['format']!r} version {state['format_version']!r}; "
+            f"this code reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+        )
+    m = _NAME.match(path.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise CheckpointError(f"{path}: file name says step {int(m.group(1))} but it holds step {state['step']}")
+    return state
+
+
+def find_latest(
+    run_dir: str | Path, map_location: str | torch.device = "cpu", quarantine_bad: bool = False
+) -> tuple[Path, dict] | None:
+    """Newest valid checkpoint of a run as ``(path, state)``, or None when there is none.
+
+    Unusable newer files are skipped with a warning naming the file and the reason; with
+    ``quarantine_bad`` (the trainer, on resume) they are also renamed to ``*.corrupt`` so that
+    they are never tried again and cannot outrank the checkpoints the resumed run writes.
+    """
+    for _step, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as exc:
+            if quarantine_bad:
+                log.warning("skipping checkpoint %s; moved aside to %s", exc, quarantine(path).name)
+            else:
+                log.warning("skipping checkpoint %s", exc)
+    return None
+
+
+def resolve(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict]:
+    """Load a checkpoint given a file or a run folder (its newest valid checkpoint).
+
+    For tools (evaluation, embedding) that accept either.
+    """
+    path = Path(path)
+    if path.is_dir():
+        run_dir = path.parent if path.name == CHECKPOINT_DIR else path
+        found = find_latest(run_dir, map_location)
+        if found is None:
+            raise CheckpointError(f"{path}: no valid checkpoint found (looked in {checkpoint_dir(run_dir)})")
+        return found
+    return path, load_checkpoint(path, map_location)
+
+
+def quarantine(path: Path) -> Path:
+    """Rename an unusable checkpoint to ``*.corrupt`` (kept for inspection, ignored from now on)."""
+    target = path.with_name(path.name + ".corrupt")
+    os.replace(path, target)
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.exists():
+        os.replace(sidecar, target.with_name(target.name + ".sha256"))
+    return target
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch, CUDA, NumPy global, Python) as weights_only-safe values."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "python": {"version": int(py_version), "state": [int(x) for x in py_state], "gauss": py_gauss},
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+    return state
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block (validation, probes) without moving any RNG the training steps use."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
