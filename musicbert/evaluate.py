@@ -1,0 +1,217 @@
+"""Evaluate a checkpoint: the seven probing metrics of SPEC §6 for every chosen layer.
+
+::
+
+    python -m musicbert.evaluate --checkpoint runs/demo --shards shards/demo --out runs/demo/eval
+        [--layers all|last|1,6,12] [--repeats 5] [--protocol standard|reference]
+        [--random-init] [--seed 0] [--device auto|cpu|cuda] [--clusters 1000] [--max-songs N]
+        [--train-bars 5] [--test-bars 10] [--precision fp32|bf16] [--threads N]
+    python -m musicbert.evaluate --compare A/metrics.json B/metrics.json [--names A B]
+
+``--checkpoint`` is a ``.pt`` file or a run folder (its newest valid checkpoint).
+``--random-init`` evaluates an untrained model of the checkpoint's configuration,
+initialised from ``--seed``: the baseline every trained result must beat.
+
+For each repeat, 5 bars are drawn from every train-split song (probe training set) and 10
+from every test-split song (probe test set); the bar embeddings of all chosen layers are
+computed in one pass (progress bar on stderr), and the probes of :mod:`musicbert.probes`
+are fitted and scored per layer. The metrics, their directions and both scoring protocols
+(``standard``: AUC from decision scores, tempo by argmax; ``reference``: the reference
+implementation's scoring, AUC on hard predictions with the chord threshold -0.8, tempo as
+exact match of a multi-output ridge classifier) are described in :mod:`musicbert.probes`.
+
+Outputs in ``--out``:
+``metrics.json``  ``{"layers": {"1": {"chords": {"mean", "std", "values"}, ...}, ...},
+                  "better": {metric: "higher"|"lower"}, "settings": {...}}`` (std over repeats,
+                  population std; undefined values are ``null``);
+``metrics.md``    the same as a table;
+``layers.png``    each metric against layer.
+
+Cost: features are held in memory for one repeat: (train + test bars) x layers x dim x 4 bytes
+(Lakh MIDI, all 12 layers: about 27 GB); ``--max-songs`` or ``--layers`` reduce it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from musicbert.probes import (
+    DEFAULT_CLUSTERS,
+    HIGHER_IS_BETTER,
+    METRICS,
+    PROTOCOLS,
+    TEST_BARS_PER_SONG,
+    TRAIN_BARS_PER_SONG,
+    ProbeError,
+    probe_model,
+)
+
+
+def _clean(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def summarise(values: list[float]) -> dict:
+    """``{"mean", "std", "values"}`` over the repeats that are defined (population std)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return {
+        "mean": _clean(float(np.mean(finite))) if finite else None,
+        "std": _clean(float(np.std(finite))) if finite else None,
+        "values": [_clean(v) for v in values],
+    }
+
+
+def evaluate(
+    checkpoint: str | Path,
+    shards: str | Path,
+    out: str | Path | None = None,
+    layers: str = "all",
+    repeats: int = 5,
+    protocol: str = "standard",
+    random_init: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    clusters: int = DEFAULT_CLUSTERS,
+    max_songs: int | None = None,
+    precision: str = "fp32",
+    batch_tokens: int = 16384,
+    progress: bool = False,
+    train_bars_per_song: int = TRAIN_BARS_PER_SONG,
+    test_bars_per_song: int = TEST_BARS_PER_SONG,
+) -> dict:
+    """Run the evaluation and return the ``metrics.json`` dict; with ``out``, write the three files."""
+    from musicbert.api import load_model
+    from musicbert.probes import resolve_device
+
+    if repeats < 1:
+        raise ProbeError(f"repeats ({repeats}) must be >= 1")
+    started = time.time()
+    dev = resolve_device(device)
+    model, info = load_model(checkpoint, random_init=random_init, seed=seed)
+    result = probe_model(
+        model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
+        max_songs=max_songs, batch_tokens=batch_tokens, precision=precision, progress=progress,
+        train_per_song=train_bars_per_song, test_per_song=test_bars_per_song,
+    )
+    import sklearn
+
+    metrics = {
+        "layers": {str(l): {m: summarise(result.values[l][m]) for m in METRICS} for l in result.layers},
+        "better": {m: "higher" if HIGHER_IS_BETTER[m] else "lower" for m in METRICS},
+        "settings": {
+            "checkpoint": info["checkpoint"],
+            "step": info["step"],
+            "random_init": info["random_init"],
+            "shards": str(shards),
+            "protocol": protocol,
+            "repeats": repeats,
+            "seed": seed,
+            "layers": result.layers,
+            "train_split": "train",
+            "test_split": "test",
+            "train_songs": result.train_songs,
+            "test_songs": result.test_songs,
+            "train_bars": result.train_bars[0] if len(set(result.train_bars)) == 1 else result.train_bars,
+            "test_bars": result.test_bars[0] if len(set(result.test_bars)) == 1 else result.test_bars,
+            "train_bars_per_song": train_bars_per_song,
+            "test_bars_per_song": test_bars_per_song,
+            "max_songs": max_songs,
+            "clusters": clusters,
+            "clusters_used": result.clusters_used[0] if len(result.clusters_used) == 1 else result.clusters_used,
+            "device": str(dev),
+            "precision": precision,
+            "model": info["config"]["model"],
+            "sklearn": sklearn.__version__,
+            "seconds": round(time.time() - started, 2),
+            "notes": sorted(set(result.notes)),
+        },
+    }
+    if out is not None:
+        write_outputs(metrics, out)
+    return metrics
+
+
+def write_outputs(metrics: dict, out: str | Path) -> None:
+    from musicbert.report import markdown_report, plot_layers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False) + "\n")
+    (out / "metrics.md").write_text(markdown_report(metrics))
+    plot_layers(metrics, out / "layers.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m musicbert.evaluate",
+        description="Probe a checkpoint's bar embeddings layer by layer (SPEC §6), or compare two metrics.json.",
+    )
+    p.add_argument("--checkpoint", help="a .pt checkpoint or a run folder (its newest valid checkpoint)")
+    p.add_argument("--shards", help="shard folder written by python -m preprocess (train and test splits are used)")
+    p.add_argument("--out", help="output folder for metrics.json, metrics.md, layers.png")
+    p.add_argument("--layers", default="all", help="'all' (default), 'last' or comma-separated layers like 1,6,12")
+    p.add_argument("--repeats", type=int, default=5, help="sampling repeats (mean and std are reported; default 5)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="standard", help="scoring (see musicbert.probes; default standard)")
+    p.add_argument("--random-init", action="store_true", help="evaluate an untrained model of the checkpoint's configuration")
+    p.add_argument("--seed", type=int, default=0, help="sampling, k-means and --random-init seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu or cuda[:N]")
+    p.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help=f"k of the song-clustering k-means (default {DEFAULT_CLUSTERS})")
+    p.add_argument("--max-songs", type=int, default=None, help="use at most this many songs of each split")
+    p.add_argument("--train-bars", type=int, default=TRAIN_BARS_PER_SONG,
+                   help=f"bars drawn per train-split song (default {TRAIN_BARS_PER_SONG}, as the reference)")
+    p.add_argument("--test-bars", type=int, default=TEST_BARS_PER_SONG,
+                   help=f"bars drawn per test-split song (default {TEST_BARS_PER_SONG}, as the reference)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="feature extraction precision (default fp32)")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass (default 16384)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: PyTorch's choice)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two metrics.json side by side and exit")
+    p.add_argument("--names", nargs=2, metavar=("A", "B"), help="with --compare: column names")
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    if args.compare:
+        from musicbert.report import compare, read_metrics
+
+        print(compare(read_metrics(args.compare[0]), read_metrics(args.compare[1]), tuple(args.names) if args.names else None))
+        return 0
+    missing = [f"--{k}" for k in ("checkpoint", "shards", "out") if getattr(args, k) is None]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)} (or use --compare A B)")
+
+    from musicbert.api import ModelLoadError
+    from musicbert.shards import ShardFormatError
+
+    try:
+        metrics = evaluate(
+            args.checkpoint, args.shards, args.out, layers=args.layers, repeats=args.repeats, protocol=args.protocol,
+            random_init=args.random_init, seed=args.seed, device=args.device, clusters=args.clusters,
+            max_songs=args.max_songs, precision=args.precision, batch_tokens=args.batch_tokens, progress=True,
+            train_bars_per_song=args.train_bars, test_bars_per_song=args.test_bars,
+        )
+    except (ProbeError, ModelLoadError, ShardFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from musicbert.report import markdown_table
+
+    s = metrics["settings"]
+    print(markdown_table(metrics))
+    print(
+        f"\n{'random-init' if s['random_init'] else 'step ' + str(s['step'])}, protocol {s['protocol']}, "
+        f"{s['repeats']} repeats, {s['train_songs']}/{s['test_songs']} train/test songs, "
+        f"k = {s['clusters_used']}, {s['seconds']} s; wrote {Path(args.out) / 'metrics.json'}, metrics.md, layers.png"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
