@@ -50,8 +50,9 @@ Deliberate differences from the reference code (each a fix or a reading of SPEC 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -84,7 +85,7 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # rot[m, r] = the active set seen from root r: bit i set <=> (r + i) % 12 active
     rot = ((masks >> roots) | (masks << (12 - roots))) & 0xFFF
     has = ((rot[..., None] >> np.arange(12)) & 1).astype(bool)  # [4096, 12 roots, 12 intervals]
-    h = lambda i: has[..., i]  # noqa: E731
+    h = lambda i: has[..., i]
     q = {name: i for i, name in enumerate(CHORD_QUALITIES)}
     quality = np.full((4096, 12), NO_CHORD, dtype=np.int8)
     minor = h(3) & ~h(4)

@@ -11,6 +11,7 @@ import pytest
 
 from musicbert.shards import CHORD_QUALITIES, N_CHORDS, chord_index
 from preprocess.chords import (
+    _RULES,
     NO_LOWEST,
     BeatChroma,
     ChordSegment,
@@ -116,7 +117,7 @@ def test_quality_precedence_when_several_intervals_sound():
     assert quality_above_c(0, 3, 4, 7) is None  # both thirds
     assert quality_above_c(0, 7) is None  # no third
 
-    q = lambda *pcs: recognise_chords(_chroma(pcs))[0]  # noqa: E731
+    q = lambda *pcs: recognise_chords(_chroma(pcs))[0]
     # C half-diminished (C Eb Gb Bb): C:dim scores -1 (Bb), Eb:min +10 - 2 (C) = 8 wins
     assert (q(0, 3, 6, 10).root, q(0, 3, 6, 10).quality) == (3, "min")
     # C6 (C E G A): A:min7 scores +10 (fifth E), C:maj only +10 - 1 (sixth A is a mild outsider)
@@ -281,15 +282,6 @@ def test_beat_chroma_matches_a_direct_computation():
 # ---------------------------------------------------------------------------- against a plain implementation
 
 
-_RULE_TABLE = {  # chord tones, +10, -1, -2 (SPEC §3 / the reference's tables)
-    "maj": ((0, 4), (7,), (2, 5, 9), (1, 3, 6, 8, 10, 11)),
-    "min": ((0, 3), (7,), (2, 5, 8), (1, 4, 6, 9, 11)),
-    "dim": ((0, 3, 6), (9,), (2, 5, 10), (1, 4, 7, 8, 11)),
-    "aug": ((0, 4, 8), (), (2, 5, 9), (1, 3, 6, 7, 10)),
-    "dom7": ((0, 4, 10), (7,), (2, 5, 9), (1, 3, 6, 8, 11)),
-    "maj7": ((0, 4, 11), (7,), (2, 5, 9), (1, 3, 6, 8, 10)),
-    "min7": ((0, 3, 10), (7,), (2, 5, 8), (1, 4, 6, 9, 11)),
-}
 
 
 def _plain_window(chroma, lowest):
@@ -308,7 +300,7 @@ def _plain_window(chroma, lowest):
             q = "dim" if 6 in iv else "min7" if 10 in iv else "min"
         else:
             q = "aug" if 8 in iv else "dom7" if 10 in iv else "maj7" if 11 in iv else "maj"
-        tones, ins, out1, out2 = _RULE_TABLE[q]
+        tones, ins, out1, out2 = _RULES[q]
         sc = sum(10 if i in ins else -1 if i in out1 else -2 if i in out2 else 0 for i in iv if i not in tones)
         cands.append((sc, r, q))
     top = max(c[0] for c in cands)
@@ -412,7 +404,8 @@ def test_agreement_with_labelled_mma_songs(shared_data):
     folder = shared_data / "labelled_mma_generated_seed1"
     if not (folder / "labels.csv").is_file():
         pytest.skip(f"{folder}/labels.csv not present")
-    rows = [r for r in csv.DictReader(open(folder / "labels.csv")) if r["time_sig"] == "4/4"]
+    with open(folder / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["time_sig"] == "4/4"]
     t0 = time.perf_counter()
     downbeat = changes = n_bars = n_changes = 0
     for row in rows:
