@@ -15,6 +15,7 @@ batches, which is what makes the training stream exactly resumable.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -288,6 +289,36 @@ class Packer:
             pair_anchor=torch.from_numpy(anchor_bar[paired]),
             pair_positive=torch.from_numpy(positive_bar[paired]),
         )
+
+
+def pack_bars(lengths: Sequence[int], row_len: int, rows_per_batch: int) -> list[list[list[int]]]:
+    """Batches of rows of bar numbers: first-fit decreasing, at most ``rows_per_batch`` rows of ``row_len``.
+
+    For inference (evaluation, embeddings), where bars have no pair views and no stream
+    state: every bar is placed once, longest first.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[list[int]]] = []
+    rows: list[list[int]] = []
+    free = np.zeros(0, dtype=np.int64)
+    for i in order:
+        n = lengths[i]
+        fits = np.flatnonzero(free >= n)
+        if fits.size:
+            r = int(fits[0])
+        elif len(rows) < rows_per_batch:
+            rows.append([])
+            free = np.append(free, row_len)
+            r = len(rows) - 1
+        else:
+            batches.append(rows)
+            rows, free = [[]], np.array([row_len], dtype=np.int64)
+            r = 0
+        rows[r].append(i)
+        free[r] -= n
+    if rows:
+        batches.append(rows)
+    return batches
 
 
 def empty_batch(n_rows: int, row_len: int, pad_id: int = VOCAB.pad_id) -> Batch:

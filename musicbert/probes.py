@@ -74,6 +74,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musicbert.packing import pack_bars
 from musicbert.shards import N_CHORDS, N_INSTRUMENTS, read_manifest
 from musicbert.vocab import GM_PROGRAM_NAMES, TEMPO_BINS, VOCAB
 
@@ -265,32 +266,6 @@ def _fit_bar(bar: np.ndarray, max_len: int) -> np.ndarray:
     if len(bar) > max_len:
         bar = np.concatenate([bar[: max_len - 1], [VOCAB.eob_id]])
     return bar
-
-
-def pack_bars(lengths: Sequence[int], row_len: int, rows_per_batch: int) -> list[list[list[int]]]:
-    """Batches of rows of bar numbers: first-fit decreasing, at most ``rows_per_batch`` rows of ``row_len``."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[list[int]]] = []
-    rows: list[list[int]] = []
-    free = np.zeros(0, dtype=np.int64)
-    for i in order:
-        n = lengths[i]
-        fits = np.flatnonzero(free >= n)
-        if fits.size:
-            r = int(fits[0])
-        elif len(rows) < rows_per_batch:
-            rows.append([])
-            free = np.append(free, row_len)
-            r = len(rows) - 1
-        else:
-            batches.append(rows)
-            rows, free = [[]], np.array([row_len], dtype=np.int64)
-            r = 0
-        rows[r].append(i)
-        free[r] -= n
-    if rows:
-        batches.append(rows)
-    return batches
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eval_helpers import tiny_model
+from musicbert.packing import pack_bars
 from musicbert.probes import (
     METRICS,
     BarSample,
@@ -18,7 +19,6 @@ from musicbert.probes import (
     clusters_for,
     encode_bars,
     multilabel_scores,
-    pack_bars,
     parse_layers,
     run_probes,
     sample_split,
