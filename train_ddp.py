@@ -62,6 +62,7 @@ from musicbert.data import TrainStream, val_batches
 from musicbert.model import MusicBERT
 from musicbert.monitor import Monitor, peak_flops, setup_logging
 from musicbert.schedule import NoamSchedule
+from musicbert.shards import ShardFormatError
 from musicbert.vocab import VOCAB
 
 log = logging.getLogger("musicbert.train")
@@ -474,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(info.rank)
     try:
         return train(cfg, info)
-    except ConfigError as exc:
+    except (ConfigError, ShardFormatError) as exc:  # the message names the key or file
         log.error("%s", exc)
         return 2
     finally:

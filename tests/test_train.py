@@ -325,3 +325,12 @@ def test_nonfinite_losses_are_skipped_then_stop(shards, tmp_path):
     assert log[0]["step"] == 1 and log[0]["skipped_steps"] == 0  # the first step is finite and applied
     assert log[-1]["skipped_steps"] == 3  # then 3 skipped in a row (> max_bad_steps = 2): stop
     assert not (run_dir / "COMPLETE").exists()
+
+
+def test_missing_shards_folder_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no-shards"
+    config = REPO / "configs" / "demo.yaml"
+    r = run([sys.executable, str(TRAIN), "--config", str(config), f"run_dir={tmp_path / 'run'}", f"data.shards={missing}"], timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{missing}/manifest.json: not found" in r.stderr
+    assert "Traceback" not in r.stderr
