@@ -56,6 +56,7 @@ from musicbert.monitor import peak_flops as device_peak_flops
 from musicbert.vocab import VOCAB
 
 SIZES = {
+    "tiny": {"dim": 64, "n_layers": 2, "n_heads": 2, "ff_dim": 128},  # bench/gpu.py --dry-run
     "small": {"dim": 256, "n_layers": 4, "n_heads": 4, "ff_dim": 1024},
     "base": {"dim": 768, "n_layers": 12, "n_heads": 12, "ff_dim": 3072},
 }
