@@ -388,3 +388,20 @@ def test_no_nan_with_all_padding_rows_and_empty_mask(attention):
     assert out.mlm_logits.shape == (0, len(VOCAB))
     assert out.bar_states.shape[1] == 2
     assert torch.isfinite(empty.hidden).all() and empty.bar_states.shape == (TINY["n_layers"], 0, TINY["dim"])
+
+
+def test_training_flops_counts_every_matmul_of_a_step():
+    """The MFU numerator equals PyTorch's FLOP count of one forward + backward (math attention,
+    one full bar per row, so no padding and no grouping: every counted FLOP is useful)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from musicbert.model import training_flops
+
+    model = tiny_model(dropout=0.0, attention="rows")
+    R, L = 3, 100
+    tokens = torch.randint(5, len(VOCAB), (R, L), generator=torch.Generator().manual_seed(0))
+    mlm_mask = torch.rand(R, L, generator=torch.Generator().manual_seed(1)) < 0.2
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens, None, mlm_mask).mlm_logits.sum().backward()
+    assert training_flops(model.cfg, R * L, R * L * L, int(mlm_mask.sum())) == counter.get_total_flops()
