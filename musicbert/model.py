@@ -66,6 +66,7 @@ Outputs (:class:`EncoderOutput`)
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -76,10 +77,10 @@ from torch import nn
 from musicbert.config import ATTENTION_LAYOUTS, ModelConfig
 from musicbert.vocab import VOCAB
 
-try:  # torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - the pinned torch has it
-    varlen_attn = None
+#: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10), imported by :func:`plan_varlen` on first
+#: use: the import pulls in ``torch._dynamo``, seconds that runs without the ``varlen`` layout need not pay.
+varlen_attn = None
+_VARLEN_IN_TORCH = importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
 @dataclass
@@ -265,6 +266,9 @@ def plan_varlen(segments: torch.Tensor) -> AttentionPlan:
     padding after the last bar) and every :data:`PAD_RUN` tokens inside padding. Needs bars to be
     contiguous in their rows (the :class:`~musicbert.batch.Batch` contract).
     """
+    global varlen_attn
+    if varlen_attn is None:
+        from torch.nn.attention.varlen import varlen_attn
     R, L = segments.shape
     col = torch.arange(L, device=segments.device).expand(R, L)
     prev = F.pad(segments[:, :-1], (1, 0), value=-1)  # -1: every row starts a sequence
@@ -277,7 +281,7 @@ def plan_varlen(segments: torch.Tensor) -> AttentionPlan:
 def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the ``varlen`` flash kernel runs on ``device`` for ``dtype`` compute (sm80+, fp16/bf16)."""
     return (
-        varlen_attn is not None
+        _VARLEN_IN_TORCH
         and device.type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
         and torch.backends.cuda.is_flash_attention_available()
