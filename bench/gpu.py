@@ -373,7 +373,8 @@ class Launch:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                str(REPO / "train_ddp.py"), "--config", str(config), f"run_dir={run_dir}", *overrides]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        env |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1" if dry_run else "4"}
+        path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)  # keep carried packages importable
+        env |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1" if dry_run else "4"}
         self.log = log
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
