@@ -1,6 +1,6 @@
 """The GPU path in one command: correctness, speed and exact resume on one CUDA GPU in under 8 minutes.
 
-Run (one GPU; about 6-7 minutes, each phase capped by its time budget)::
+Run (one GPU; about 4-6 minutes, each phase capped by its time budget, 7.7 minutes at most)::
 
     python bench/gpu.py                       # writes runs/bench/gpu.json, last line RESULT ...
     python bench/gpu.py --dry-run             # the same on CPU with a tiny model (~1 minute)
@@ -45,8 +45,9 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -170,8 +173,6 @@ def compare(got: tuple[dict, dict], ref: tuple[dict, dict]) -> dict:
 def check_layouts(deadline: float, plan: Plan, device: torch.device, batch: Batch) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     cfg = ModelConfig(vocab_size=len(VOCAB), max_len=512, dropout=0.0, **{**train_bench.SIZES[plan.size], "n_layers": 2})
     torch.manual_seed(0)
     model = MusicBERT(cfg, attention="rows").to(device).train()
@@ -342,8 +343,6 @@ def _one_variant(deadline, plan, device, name, build, step, tokens, flops) -> di
 
 def resume_config(plan: Plan, shards: str, work: Path) -> Path:
     """A config file for the resume runs: BERT-dropout (so the RNG states must be restored too)."""
-    import yaml
-
     config = {
         "base": str(REPO / "configs" / "base.yaml"),
         "model": {**train_bench.SIZES[plan.size], "max_len": 512, "dropout": 0.1},
@@ -417,8 +416,6 @@ def last_train_record(run_dir: Path) -> dict:
 
 
 def compare_runs(ref_dir: Path, resumed_dir: Path, logs: dict[str, Path], steps: int) -> dict:
-    import re
-
     ref, got = logged_losses(ref_dir), logged_losses(resumed_dir)
     out: dict = {"logs": {k: str(v) for k, v in logs.items()}}
     m = re.search(r"ranks \((\w+), ([^)]+)\); precision ([^;]+);", logs["reference"].read_text())
@@ -447,8 +444,6 @@ def compare_runs(ref_dir: Path, resumed_dir: Path, logs: dict[str, Path], steps:
 
 
 def check_resume(deadline: float, plan: Plan, device: torch.device, shards: str, work: Path, attention: str) -> dict:
-    import shutil
-
     precisions = ("bf16", "fp16") if device.type == "cuda" else ("bf16",)
     config = resume_config(plan, shards, work)
     stop_after = max(1, plan.resume_steps // 3)
