@@ -59,7 +59,7 @@ from musicbert import distributed as dist_utils
 from musicbert.config import Config, ConfigError, load_config
 from musicbert.contrastive import nt_xent, nt_xent_local
 from musicbert.data import TrainStream, val_batches
-from musicbert.model import MusicBERT
+from musicbert.model import MusicBERT, training_flops
 from musicbert.monitor import Monitor, peak_flops, setup_logging
 from musicbert.schedule import NoamSchedule
 from musicbert.shards import ShardFormatError
@@ -258,7 +258,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
 
     torch.manual_seed(cfg.train.seed)
-    model = MusicBERT(cfg.model).to(device)
+    model = MusicBERT(cfg.model, attention=cfg.train.attention).to(device)
     opt = make_optimizer(model, cfg, device)
     schedule = NoamSchedule(opt, cfg.train.lr, cfg.train.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -306,9 +306,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     if rng_state is not None:
         ckpt.set_rng_state(rng_state)  # last, after everything that draws random numbers at start-up
 
-    # For MFU: 6 x (non-embedding parameters) FLOPs per token plus attention inside each bar.
-    n_matmul_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed."))
-    peak = peak_flops(device)
+    peak = peak_flops(device)  # MFU = musicbert.model.training_flops per second / peak
     accum, W = cfg.train.accum_steps, info.world_size
     bad_in_a_row = 0
     t_log, tokens_since, bars_since, flops_since = time.time(), 0, 0, 0.0
@@ -398,7 +396,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             # Bookkeeping and logging (values of this step; rates over the interval).
             tokens_since += step_tokens
             bars_since += step_bars
-            flops_since += 6.0 * n_matmul_params * step_tokens + 12.0 * cfg.model.n_layers * cfg.model.dim * attn_sq
+            flops_since += training_flops(cfg.model, step_tokens, attn_sq, n_mlm)
             extra["tokens"] += int(step_tokens)
             extra["seconds"] += time.time() - t_step
             if step % cfg.train.log_every == 0 or step == max_steps:

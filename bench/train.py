@@ -51,13 +51,15 @@ sys.path.insert(0, str(REPO))
 
 from musicbert.batch import Batch
 from musicbert.config import Config, DataConfig, ModelConfig, ObjectiveConfig
+from musicbert.model import training_flops
+from musicbert.monitor import peak_flops as device_peak_flops
 from musicbert.vocab import VOCAB
 
 SIZES = {
+    "tiny": {"dim": 64, "n_layers": 2, "n_heads": 2, "ff_dim": 128},  # bench/gpu.py --dry-run
     "small": {"dim": 256, "n_layers": 4, "n_heads": 4, "ff_dim": 1024},
     "base": {"dim": 768, "n_layers": 12, "n_heads": 12, "ff_dim": 3072},
 }
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def log(msg: str = "") -> None:
@@ -283,16 +285,9 @@ def step_hf(model, opt, p: Padded, nt_xent, autocast) -> float:
 
 
 def useful_flops(size: str, p: Padded) -> float:
-    """FLOPs of one training step counting real tokens only (3 x forward)."""
-    s = SIZES[size]
-    d, layers, ff, v = s["dim"], s["n_layers"], s["ff_dim"], len(VOCAB)
-    bar_lengths = p.bar_lengths
-    n_masked = int((p.labels != -100).sum())
-    tokens = sum(bar_lengths)
-    dense = 2 * tokens * layers * (4 * d * d + 2 * d * ff)
-    attention = layers * 4 * d * sum(n * n for n in bar_lengths)
-    head = 2 * n_masked * (d * d + d * v)
-    return 3.0 * (dense + attention + head)
+    """Useful FLOPs of one training step on these bars (:func:`musicbert.model.training_flops`)."""
+    cfg = ModelConfig(vocab_size=len(VOCAB), **SIZES[size])
+    return training_flops(cfg, sum(p.bar_lengths), sum(n * n for n in p.bar_lengths), int((p.labels != -100).sum()))
 
 
 # --------------------------------------------------------------------------- memory
@@ -483,8 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"ratio ours / HF (the same bars in random batches, as a user's loader would deal them): "
             f"{tps['ours'] / tps['hf_shuffled']:.2f} (summed: {tps_sum['ours'] / tps_sum['hf_shuffled']:.2f})")
     if cuda:
-        name = torch.cuda.get_device_name()
-        peak_flops = args.peak_flops or next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
+        peak_flops = args.peak_flops or device_peak_flops(device) or 989e12
         log(f"MFU (useful FLOPs: real tokens, attention inside bars / {peak_flops / 1e12:.0f} TFLOP/s bf16 dense peak): "
             + ", ".join(f"{w} {100 * fps[w] / peak_flops:.1f}% ({fps[w] / 1e12:.1f} TFLOP/s)" for w in which_all))
         log(f"peak GPU memory allocated in a step: ours {peak['ours'] / 2**30:.2f} GiB, HF {peak['hf'] / 2**30:.2f} GiB")

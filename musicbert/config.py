@@ -20,6 +20,7 @@ import yaml
 
 MODES = ("BERT", "BERT-aug", "BERT-neighbor", "BERT-dropout")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ATTENTION_LAYOUTS = ("auto", "varlen", "bars", "rows")  # musicbert.model.MusicBERT(attention=...)
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     accum_steps: int = 1
     precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 with GradScaler on GPU, fp32 on CPU
+    # How attention is computed (same numbers to rounding; see musicbert/model.py): auto = varlen
+    # (flash attention over the packed bars) on GPUs that run it in bf16/fp16, else bars.
+    attention: str = "auto"
     log_every: int = 50
     val_every: int = 2000
     val_batches: int = 50
@@ -103,6 +107,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        if self.attention not in ATTENTION_LAYOUTS:
+            raise ConfigError(f"train.attention {self.attention!r} is not one of {list(ATTENTION_LAYOUTS)}")
         if self.keep_checkpoints < 2:
             raise ConfigError(f"train.keep_checkpoints ({self.keep_checkpoints}) must be >= 2 so a corrupt newest one has a fallback")
         for key in ("max_steps", "warmup_steps", "accum_steps", "log_every", "val_every", "ckpt_every", "max_bad_steps"):

@@ -29,7 +29,16 @@ Input (see :class:`musicbert.batch.Batch`)
     every row is one bar and ``<pad>`` tokens are padding (the unpacked layout).
 
 Attention layouts (``MusicBERT(cfg, attention=...)``; same numbers to float rounding)
-    ``"bars"`` (default): once per forward the bars are cut by length into at most
+    ``"auto"`` (default) picks ``"varlen"`` where its kernel runs (a CUDA GPU with flash
+    attention, sm80 or newer, bf16/fp16 compute: autocast or half weights) and ``"bars"``
+    otherwise (CPU, fp32 on GPU); it is decided per forward, so one model trains in bf16 with
+    ``varlen`` and embeds in fp32 with ``bars``.
+    ``"varlen"``: flash attention over cumulative sequence lengths
+    (:func:`torch.nn.attention.varlen.varlen_attn`) on the flattened ``[R * L]`` tokens, each
+    bar one sequence: no grouping, no padding of bars, no gathers, no mask. Padding tokens form
+    sequences of their own, cut every :data:`PAD_RUN` tokens so that they cost next to nothing.
+    Costs one device-to-host copy (the longest sequence) per forward. CUDA and bf16/fp16 only.
+    ``"bars"``: once per forward the bars are cut by length into at most
     :data:`MAX_BAR_GROUPS` groups (:func:`group_bars`), each padded to its longest bar; every layer
     gathers q/k/v into that layout, runs one dense
     :func:`~torch.nn.functional.scaled_dot_product_attention` per group (a ``[n, 1, 1, len]``
@@ -57,6 +66,7 @@ Outputs (:class:`EncoderOutput`)
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -64,8 +74,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musicbert.config import ModelConfig
+from musicbert.config import ATTENTION_LAYOUTS, ModelConfig
 from musicbert.vocab import VOCAB
+
+#: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10), imported by :func:`plan_varlen` on first
+#: use: the import pulls in ``torch._dynamo``, seconds that runs without the ``varlen`` layout need not pay.
+varlen_attn = None
+_VARLEN_IN_TORCH = importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
 @dataclass
@@ -208,6 +223,10 @@ class AttentionPlan:
     ``rows`` layout: ``mask`` is the ``[R, 1, L, L]`` block-diagonal boolean mask (``None`` when
     every row is exactly one bar).
 
+    ``varlen`` layout: ``cu_seqlens`` int32 ``[N + 1]`` are the offsets in the flat ``[R * L]``
+    layout where each of the ``N`` sequences (bars, and runs of padding) starts, then ``R * L``;
+    ``max_len`` is the longest sequence.
+
     ``bars`` layout: the ``S`` *slots* hold the bars grouped by length, each group padded
     to its longest bar. ``slot_token`` ``[S]`` is the flat token index of each slot (padding
     slots repeat their bar's first token; ``slot_real`` ``[S]`` is False there), ``token_slot``
@@ -224,6 +243,8 @@ class AttentionPlan:
     slot_position: torch.Tensor | None = None
     token_slot: torch.Tensor | None = None
     token_real: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_len: int = 0
 
 
 def plan_rows(segments: torch.Tensor, n_bars: int) -> AttentionPlan:
@@ -231,6 +252,41 @@ def plan_rows(segments: torch.Tensor, n_bars: int) -> AttentionPlan:
         return AttentionPlan("rows", mask=None)
     # Real tokens see their own bar; padding sees padding only (no fully masked row, no NaN).
     return AttentionPlan("rows", mask=segments[:, None, :, None] == segments[:, None, None, :])
+
+
+#: ``varlen`` cuts runs of padding into sequences of at most this many tokens: a padding token
+#: attends to its run only, so a run costs ``PAD_RUN`` x its length instead of its length squared.
+PAD_RUN = 128
+
+
+def plan_varlen(segments: torch.Tensor) -> AttentionPlan:
+    """Sequence boundaries for :func:`~torch.nn.attention.varlen.varlen_attn` on the flat ``[R * L]`` tokens.
+
+    A sequence starts at each row's first token, wherever the segment id changes (a new bar, the
+    padding after the last bar) and every :data:`PAD_RUN` tokens inside padding. Needs bars to be
+    contiguous in their rows (the :class:`~musicbert.batch.Batch` contract).
+    """
+    global varlen_attn
+    if varlen_attn is None:
+        from torch.nn.attention.varlen import varlen_attn
+    R, L = segments.shape
+    col = torch.arange(L, device=segments.device).expand(R, L)
+    prev = F.pad(segments[:, :-1], (1, 0), value=-1)  # -1: every row starts a sequence
+    starts = (segments != prev) | ((segments == 0) & (col % PAD_RUN == 0))
+    offsets = torch.nonzero(starts.reshape(-1)).squeeze(1)
+    cu_seqlens = torch.cat([offsets, offsets.new_tensor([R * L])]).to(torch.int32)
+    return AttentionPlan("varlen", cu_seqlens=cu_seqlens, max_len=int(cu_seqlens.diff().max()))
+
+
+def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the ``varlen`` flash kernel runs on ``device`` for ``dtype`` compute (sm80+, fp16/bf16)."""
+    return (
+        _VARLEN_IN_TORCH
+        and device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
 
 
 def plan_bars(segments: torch.Tensor, starts: torch.Tensor) -> AttentionPlan:
@@ -321,10 +377,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: tuple, plan: AttentionPlan) -> torch.Tensor:
         """``x`` ``[R, L, D]``; ``rotary``: ``(cos, sin)`` ``[R, L, 1, 1, rotary_dims / 2]`` for ``rows``,
-        ``(slot_cos, slot_sin, token_cos, token_sin)`` (``[S | T, 1, 1, rotary_dims / 2]``) for ``bars``."""
+        ``(slot_cos, slot_sin, token_cos, token_sin)`` (``[S | T, 1, 1, rotary_dims / 2]``) for ``bars``;
+        ``varlen`` takes the ``rows`` form."""
         R, L, D = x.shape
         H, hd = self.n_heads, self.head_dim
         qkv = self.qkv(x).view(R, L, 3, H, hd)
+        if plan.layout == "varlen":
+            qkv = apply_rotary(qkv, *rotary, lead=2)
+            q, k, v = qkv.view(R * L, 3, H, hd).unbind(1)  # [T, H, hd] each
+            y = varlen_attn(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len)
+            return self.out(y.reshape(R, L, D))
         if plan.layout == "rows":
             qkv = apply_rotary(qkv, *rotary, lead=2)  # rotates q and k
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [R, H, L, hd]
@@ -388,20 +450,40 @@ class MLMHead(nn.Module):
 # --------------------------------------------------------------------------- encoder
 
 
+def training_flops(cfg: ModelConfig, real_tokens: float, bar_length_sq_sum: float, predicted: float) -> float:
+    """Useful FLOPs of one training step of this model: the numerator of MFU (one formula for the
+    training loop's log and the benchmarks).
+
+    Counts real tokens only (no padding) and attention inside each bar (``bar_length_sq_sum`` =
+    sum over bars of length squared): per layer ``2 x (4 d^2 + 2 d ff)`` per token for the
+    projections and feed-forward, ``4 d`` per query-key pair (scores and weighted sum); the MLM
+    head on the ``predicted`` positions only. Backward is twice the forward. Embedding lookups,
+    norms, softmax and the contrastive loss are left out (a fraction of a percent).
+    """
+    d, layers = cfg.dim, cfg.n_layers
+    dense = 2.0 * real_tokens * layers * (4 * d * d + 2 * d * cfg.ff_dim)
+    attention = 4.0 * layers * d * bar_length_sq_sum
+    head = 2.0 * predicted * (d * d + d * cfg.vocab_size)
+    return 3.0 * (dense + attention + head)
+
+
+
 class MusicBERT(nn.Module):
     """The encoder with its MLM head; see the module docstring.
 
     ``attention`` picks how the per-bar attention is computed (the results agree to float
-    rounding): ``"bars"`` (default) groups bars by length and runs one dense SDPA per group, so
-    the attention work grows with the sum of squared bar lengths rather than with the rows'
-    ``R * L**2``; ``"rows"`` runs SDPA on whole rows with a block-diagonal mask.
+    rounding; see the module docstring): ``"auto"`` (default) is ``"varlen"`` (flash attention
+    over the bars, CUDA with bf16/fp16) where it runs and ``"bars"`` elsewhere; ``"bars"`` groups
+    bars by length and runs one dense SDPA per group, so the attention work grows with the sum of
+    squared bar lengths rather than with the rows' ``R * L**2``; ``"rows"`` runs SDPA on whole
+    rows with a block-diagonal mask.
     """
 
-    def __init__(self, cfg: ModelConfig, pad_id: int = VOCAB.pad_id, attention: str = "bars"):
+    def __init__(self, cfg: ModelConfig, pad_id: int = VOCAB.pad_id, attention: str = "auto"):
         super().__init__()
         cfg.validate()
-        if attention not in ("bars", "rows"):
-            raise ValueError(f"attention must be 'bars' or 'rows', got {attention!r}")
+        if attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention must be one of {list(ATTENTION_LAYOUTS)}, got {attention!r}")
         self.cfg = cfg
         self.pad_id = pad_id
         self.attention = attention
@@ -435,13 +517,16 @@ class MusicBERT(nn.Module):
         positions, starts = segment_positions(segments)
         if L > self.cfg.max_len and bool((positions >= self.cfg.max_len).any()):
             raise ValueError(f"a bar is longer than model.max_len ({self.cfg.max_len}) tokens")
-        if self.attention == "bars" and starts.numel() > 0:
+        layout = self.layout_for(tokens.device)
+        if layout == "varlen":
+            plan = plan_varlen(segments)
+        elif layout == "bars" and starts.numel() > 0:
             plan = plan_bars(segments, starts)
         else:
             plan = plan_rows(segments, starts.numel())
         # Rotary cos/sin once per forward, shaped to broadcast over (q|k, head).
         rd = self.cfg.rotary_dims
-        if plan.layout == "rows":
+        if plan.layout != "bars":
             rotary = tuple(t[:, :, None, None, :] for t in rotary_cos_sin(positions, rd))
         else:
             rotary = tuple(t[:, None, None, :] for t in (*rotary_cos_sin(plan.slot_position, rd),
@@ -461,6 +546,20 @@ class MusicBERT(nn.Module):
         if mlm_mask is not None:
             logits = self.mlm_head(x[mlm_mask])
         return EncoderOutput(mlm_logits=logits, bar_states=torch.stack(bar_states), hidden=x)
+
+    def layout_for(self, device: torch.device) -> str:
+        """The attention layout a forward on ``device`` uses now (``auto`` resolved; depends on autocast)."""
+        if self.attention not in ("auto", "varlen"):
+            return self.attention
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.embed.weight.dtype
+        if varlen_usable(device, dtype):
+            return "varlen"
+        if self.attention == "varlen":
+            raise RuntimeError(
+                f"attention 'varlen' needs a CUDA GPU with flash attention (sm80+) and bf16/fp16 compute, "
+                f"not {device.type} with {dtype}; use attention 'auto' (varlen where it runs, bars elsewhere)"
+            )
+        return "bars"
 
     def forward_batch(self, batch) -> EncoderOutput:
         """``forward`` on a :class:`musicbert.batch.Batch`."""

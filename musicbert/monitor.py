@@ -28,6 +28,7 @@ log = logging.getLogger("musicbert.train")
 # Dense bf16/fp16 tensor-core peak of common training GPUs, for MFU (FLOP/s).
 _PEAK_FLOPS = (
     ("H200", 989e12),
+    ("H100 PCIe", 756e12),
     ("H100", 989e12),
     ("A100", 312e12),
     ("A6000", 155e12),

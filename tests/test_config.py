@@ -53,6 +53,7 @@ def test_unknown_key_in_file_is_refused(tmp_path):
         (["objective.mode=SimCLR"], "is not one of"),
         (["model.dim=100", "model.n_heads=12"], "divisible"),
         (["train.keep_checkpoints=1"], "keep_checkpoints"),
+        (["train.attention=dense"], r"train\.attention 'dense' is not one of"),
         (["train.max_steps"], "key=value"),
     ],
 )

@@ -138,6 +138,70 @@ def test_unknown_attention_layout_is_refused():
         tiny_model(attention="dense")
 
 
+def math_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
+    """What ``varlen_attn`` computes, in plain math (softmax(q k^T / sqrt(d)) v per sequence)."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k == int(cu_q.diff().max())
+    assert q.shape == k.shape == v.shape and q.dim() == 3  # [T, H, hd]
+    outs = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # [H, n, hd]
+        att = (qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1)
+        outs.append((att @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_varlen_plan_cuts_bars_and_padding_runs():
+    from musicbert.model import PAD_RUN, plan_varlen
+
+    L = 2 * PAD_RUN + 40
+    segments = torch.zeros(3, L, dtype=torch.long)
+    segments[0, :10], segments[0, 10:25] = 1, 2  # then 2 * PAD_RUN + 15 padding tokens
+    segments[1, :] = 1  # one bar filling the row
+    segments[2, :5] = 1  # row 2: a 5-token bar, then padding
+    plan = plan_varlen(segments)
+    row0 = [0, 10, 25, 128, 256]  # padding cut where its column is a multiple of PAD_RUN
+    expected = row0 + [L] + [2 * L, 2 * L + 5, 2 * L + 128, 2 * L + 256, 3 * L]
+    assert plan.cu_seqlens.tolist() == expected and plan.cu_seqlens.dtype == torch.int32
+    assert plan.max_len == L
+
+
+def test_varlen_layout_wiring_matches_rows(monkeypatch):
+    """The varlen layout's plumbing (q/k/v layout, rotary, cu_seqlens, output order) with the
+    flash kernel replaced by its math definition, on CPU; the kernel itself is checked on a GPU
+    by bench/gpu.py."""
+    import musicbert.model as model_mod
+
+    monkeypatch.setattr(model_mod, "varlen_attn", math_varlen_attn)
+    monkeypatch.setattr(model_mod, "varlen_usable", lambda device, dtype: True)
+    bars = random_bars(7, seed=5, lo=3, hi=70)
+    tokens, segments = packed([bars[0:3], bars[3:5], bars[5:7]], length=200)
+    mlm_mask = (segments > 0) & (torch.rand(tokens.shape, generator=torch.Generator().manual_seed(1)) < 0.3)
+    outs, grads = [], []
+    for attention in ("varlen", "rows"):
+        model = tiny_model(attention=attention, dropout=0.0).train()
+        assert model.layout_for(tokens.device) == attention
+        out = model(tokens, segments, mlm_mask)
+        (torch.nn.functional.cross_entropy(out.mlm_logits, tokens[mlm_mask]) + out.bar_states[-1].square().mean()).backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    real = segments > 0
+    torch.testing.assert_close(outs[0].hidden[real], outs[1].hidden[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs[0].mlm_logits, outs[1].mlm_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs[0].bar_states, outs[1].bar_states, rtol=0, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_layout_is_bars_on_cpu_and_varlen_is_refused_there():
+    tokens = torch.stack(random_bars(1, seed=3, lo=20, hi=21))
+    auto = tiny_model(attention="auto")
+    assert auto.layout_for(tokens.device) == "bars"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert auto.layout_for(tokens.device) == "bars"
+    with pytest.raises(RuntimeError, match="varlen.*CUDA"):
+        tiny_model(attention="varlen")(tokens)
+
+
 def test_segment_positions_restart_per_bar():
     segments = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 2, 3, 3, 0, 0, 0]])
     positions, starts = segment_positions(segments)
@@ -324,3 +388,20 @@ def test_no_nan_with_all_padding_rows_and_empty_mask(attention):
     assert out.mlm_logits.shape == (0, len(VOCAB))
     assert out.bar_states.shape[1] == 2
     assert torch.isfinite(empty.hidden).all() and empty.bar_states.shape == (TINY["n_layers"], 0, TINY["dim"])
+
+
+def test_training_flops_counts_every_matmul_of_a_step():
+    """The MFU numerator equals PyTorch's FLOP count of one forward + backward (math attention,
+    one full bar per row, so no padding and no grouping: every counted FLOP is useful)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from musicbert.model import training_flops
+
+    model = tiny_model(dropout=0.0, attention="rows")
+    R, L = 3, 100
+    tokens = torch.randint(5, len(VOCAB), (R, L), generator=torch.Generator().manual_seed(0))
+    mlm_mask = torch.rand(R, L, generator=torch.Generator().manual_seed(1)) < 0.2
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens, None, mlm_mask).mlm_logits.sum().backward()
+    assert training_flops(model.cfg, R * L, R * L * L, int(mlm_mask.sum())) == counter.get_total_flops()
