@@ -116,6 +116,11 @@ class Monitor:
                 tag = name if "/" in name else f"{kind}/{name}"
                 self._tb.add_scalar(tag, value, step)
 
+    def raise_error(self) -> None:
+        """Raise the :class:`OSError` of a failed write, if there was one."""
+        if self.error is not None:
+            raise self.error
+
     @property
     def tb(self):
         """The TensorBoard ``SummaryWriter`` (rank 0 only), for writers such as ``probes.write_projector``."""
