@@ -18,7 +18,7 @@ What is checked (each run takes seconds; the whole file about 2 minutes on 2 cor
   refused and its history kept (``--start-over`` then starts at step 0); a checkpoint write
   on a full file system (a tmpfs, when the test may mount one) stops the run with one line
   naming the file, and the run resumes exactly from the checkpoint before; after kill -9 no
-  line of log.jsonl is lost.
+  line of log.jsonl is lost; an empty val split is reported once and logs nothing.
 The loss falling on real data over a few hundred steps is shown by ``make demo``
 (configs/demo.yaml), not here.
 """
@@ -441,3 +441,20 @@ def test_full_disk_during_a_checkpoint(reference, tmp_path):
         assert_same_losses(losses(run_dir), ref)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_empty_val_split_logs_nothing(shards, tmp_path):
+    no_val = tmp_path / "shards"
+    shutil.copytree(shards, no_val)
+    manifest = json.loads((no_val / "manifest.json").read_text())
+    for name in manifest["splits"]["val"]["shards"]:
+        (no_val / name).unlink()
+    manifest["splits"]["val"] = {"songs": 0, "bars": 0, "tokens": 0, "shards": []}
+    (no_val / "manifest.json").write_text(json.dumps(manifest))
+    config = tiny_config(tmp_path, no_val, mode="BERT")
+    run_dir = tmp_path / "run"
+    r = run([sys.executable, str(TRAIN), "--config", str(config), f"run_dir={run_dir}", "train.max_steps=3", "train.val_every=1"], timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("has no data: validation is skipped") == 1, r.stderr  # said once, not at every validation
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+    assert not [line for line in log_lines(run_dir) if '"val"' in line]
