@@ -103,6 +103,10 @@ def acquire(run_dir: str | Path) -> RunLock:
             ) from None
         log.warning("%s: cannot lock (%s); this file system has no locks, so a second run on this folder would not be refused", path, exc.strerror)
         return RunLock(path, None)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder_record()) + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder_record()) + "\n").encode(), 0)
+    except OSError as exc:  # e.g. a full disk: say which file
+        os.close(fd)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     return RunLock(path, fd)
