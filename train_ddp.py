@@ -23,8 +23,11 @@ What one step does, on every rank
     barrier), checkpoint (every rank's RNG and data position gathered to rank 0, which writes).
 
 Run folder (``run_dir``)
-    ``checkpoints/step_XXXXXXXX.pt`` (+ ``.sha256``), ``log.jsonl``, ``tb/``, ``config.yaml`` and
-    ``COMPLETE`` (JSON ``{"step": N}``) once ``train.max_steps`` is reached.
+    ``checkpoints/step_XXXXXXXX.pt`` (+ ``.sha256``), ``log.jsonl`` (+ ``log.rewound.jsonl``),
+    ``tb/``, ``config.yaml``, ``.lock`` and ``COMPLETE`` (JSON ``{"step": N}``) once
+    ``train.max_steps`` is reached. One run at a time: rank 0 holds a lock on the folder for
+    the whole run (``musicbert/run_lock.py``; the kernel frees it when the process ends, even
+    by kill -9), and a second run on the same folder is refused in one line naming the holder.
 
 Resume and exit codes
     Started again with the same ``run_dir``, training resumes from the newest valid checkpoint
@@ -32,16 +35,23 @@ Resume and exit codes
     and continues exactly: model, optimiser, schedule, scaler, every rank's RNG states and data
     position are restored, so the losses are those of an uninterrupted run. The world size must
     be the one that wrote the checkpoint (each rank's data position and RNG belong to that rank);
-    another world size is refused with a message (start a new run_dir instead).
+    another world size is refused with a message (start a new run_dir instead). If checkpoints
+    exist and none can be read, the run is refused with the list; ``--start-over`` then trains
+    from step 0 in the same folder (the unreadable files are kept as ``*.corrupt``, the earlier
+    log lines in ``log.rewound.jsonl``).
     Exit 0: ``max_steps`` reached (or the run was already complete), or stopped by SIGTERM/SIGUSR1
-    after writing a checkpoint. Exit 1: an error, e.g. more than ``train.max_bad_steps``
-    consecutive non-finite losses.
+    after writing a checkpoint. Exit 1: an error: more than ``train.max_bad_steps`` consecutive
+    non-finite losses, or an I/O error (disk full, quota, permission) writing a checkpoint or a
+    log, reported in one line naming the file; the checkpoints written before are intact.
+    Exit 2: a bad config, data or run folder (e.g. no readable checkpoint). Exit 3: the run
+    folder is in use by another run. Every rank exits with the same code.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -56,6 +66,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from musicbert import checkpoint as ckpt
 from musicbert import distributed as dist_utils
+from musicbert import run_lock
 from musicbert.config import Config, ConfigError, load_config
 from musicbert.contrastive import nt_xent, nt_xent_local
 from musicbert.data import TrainStream, val_batches
@@ -68,6 +79,7 @@ from musicbert.vocab import VOCAB
 log = logging.getLogger("musicbert.train")
 
 COMPLETE = "COMPLETE"
+EXIT_ERROR, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 3
 
 # ----------------------------------------------------------------------------- signals
 
@@ -93,7 +105,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 run_dir=runs/x")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--start-over", action="store_true",
+        help="train from step 0 in a run_dir whose checkpoints all fail to load (they are kept as *.corrupt, "
+        "the earlier log lines in log.rewound.jsonl); refused while a readable checkpoint exists",
+    )
+    return p.parse_intermixed_args(argv)
+
+
+# ----------------------------------------------------------------------------- rank 0 decides
+
+
+class RunStopped(Exception):
+    """Ends the run on every rank with ``exit_code``; ``message`` (one line) is what rank 0 logs."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+
+
+def io_error_line(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno, str(exc.errno))
+    return f"{exc.filename}: {exc.strerror} ({code}); stopping (the checkpoints written before are intact)"
+
+
+def on_rank0(info: dist_utils.DistInfo, action):
+    """Run ``action()`` on rank 0 alone and let every rank know how it went.
+
+    Returns its result on rank 0 (None on the others). When it fails with an error that has a
+    one-line explanation (busy or unreadable run folder, I/O error), every rank raises the same
+    :class:`RunStopped`, so no rank is left waiting in a collective for one that has gone.
+    """
+    result, failure = None, None
+    if info.is_main:
+        try:
+            result = action()
+        except RunStopped as exc:
+            failure = (exc.exit_code, exc.message)
+        except run_lock.RunDirBusy as exc:
+            failure = (EXIT_BUSY, str(exc))
+        except ckpt.UnreadableCheckpoints as exc:
+            failure = (EXIT_BAD_INPUT, f"{exc}\nTo train from step 0 in this folder, run again with --start-over "
+                       "(the files are kept as *.corrupt, log.jsonl's lines in log.rewound.jsonl), or use another run_dir.")
+        except OSError as exc:
+            failure = (EXIT_ERROR, io_error_line(exc))
+    failure = dist_utils.broadcast_object(failure)
+    if failure is not None:
+        raise RunStopped(*failure)
+    return result
+
+
+def find_resume_point(run_dir: Path, start_over: bool) -> tuple[Path, dict] | None:
+    """Rank 0: the checkpoint to resume from (unreadable newer ones moved aside), or None for
+    step 0. All checkpoints unreadable: :class:`~musicbert.checkpoint.UnreadableCheckpoints`
+    unless ``start_over``, which moves them aside and starts from scratch."""
+    try:
+        found = ckpt.find_latest(run_dir, quarantine_bad=True)
+    except ckpt.UnreadableCheckpoints as exc:
+        if not start_over:
+            raise
+        for path, reason in exc.failures:
+            log.warning("--start-over: %s; moved aside to %s", reason, ckpt.quarantine(path).name)
+        return None
+    if found is not None and start_over:
+        raise RunStopped(EXIT_BAD_INPUT, f"--start-over: {found[0]} is readable; resume from it (drop --start-over) or use another run_dir")
+    return found
+
+
+def write_complete(run_dir: Path, step: int) -> None:
+    (run_dir / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
 
 
 def autocast_settings(precision: str, device: torch.device) -> tuple[str, torch.dtype | None, bool]:
@@ -151,7 +232,8 @@ def validate(model: MusicBERT, cfg: Config, info: dist_utils.DistInfo, amp) -> d
     here: the forward runs on the unwrapped model and NT-Xent uses this rank's negatives only),
     then one all_reduce adds the sums. Empty batches (a rank whose share ran out) are skipped.
     NT-Xent here uses the negatives of the batch only, so it is not comparable with the training
-    value (negatives from all ranks); its trend is what matters."""
+    value (negatives from all ranks); its trend is what matters. Returns {} when the val split
+    gave no masked token at all."""
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64)  # ce, mlm correct, mlm n, nce x pairs, nce acc x pairs, pairs
     for batch in val_batches(cfg, info.rank, info.world_size, max_batches=cfg.train.val_batches):
@@ -170,7 +252,9 @@ def validate(model: MusicBERT, cfg: Config, info: dist_utils.DistInfo, amp) -> d
             sums[3:6] += torch.tensor([float(nce), float(acc), 1.0], dtype=torch.float64) * batch.pair_anchor.numel()
     sums = dist_utils.all_reduce_sum(sums, info.device).cpu()
     model.train()
-    metrics = {"mlm_loss": sums[0].item() / max(sums[2].item(), 1), "mlm_acc": sums[1].item() / max(sums[2].item(), 1)}
+    if sums[2] == 0:
+        return {}  # no val data: nothing to report (a 0 loss would read as a perfect model)
+    metrics = {"mlm_loss": sums[0].item() / sums[2].item(), "mlm_acc": sums[1].item() / sums[2].item()}
     if sums[5] > 0:
         metrics |= {"nce_loss": sums[3].item() / sums[5].item(), "nce_acc": sums[4].item() / sums[5].item()}
     return metrics
@@ -209,9 +293,11 @@ def run_probes(model: MusicBERT, cfg: Config, step: int, monitor: Monitor, info:
 
 
 def save(step, model, opt, schedule, scaler, stream, cfg, info, extra) -> None:
-    """Gather every rank's RNG state and data position to all ranks; rank 0 writes the file."""
+    """Gather every rank's RNG state and data position to all ranks; rank 0 writes the file,
+    and nobody runs ahead (or exits) before it is on disk. A failed write stops every rank."""
     per_rank = dist_utils.all_gather_objects({"rng": ckpt.rng_state(), "data": stream.state_dict()})
-    if info.is_main:
+
+    def write() -> None:
         state = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -227,13 +313,25 @@ def save(step, model, opt, schedule, scaler, stream, cfg, info, extra) -> None:
         t0 = time.time()
         path = ckpt.save_checkpoint(cfg.run_dir, step, state, keep=cfg.train.keep_checkpoints)
         log.info("step %d: saved %s (%.1f s)", step, path, time.time() - t0)
-    dist_utils.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
+
+    on_rank0(info, write)
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def train(cfg: Config, info: dist_utils.DistInfo) -> int:
+def train(cfg: Config, info: dist_utils.DistInfo, start_over: bool = False) -> int:
+    """The run, on every rank; rank 0 holds the run folder's lock throughout."""
+    run_dir = Path(cfg.run_dir)
+    lock = on_rank0(info, lambda: run_lock.acquire(run_dir))
+    try:
+        return _train(cfg, info, start_over)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, info: dist_utils.DistInfo, start_over: bool) -> int:
     run_dir = Path(cfg.run_dir)
     max_steps = cfg.train.max_steps
 
@@ -268,7 +366,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     # Resume: rank 0 picks the newest valid checkpoint (moving unreadable ones aside) and tells
     # the others which file to read; every rank loads it (run_dir is on a shared file system).
     step, extra, data_state, rng_state = 0, {"skipped_steps": 0, "tokens": 0, "seconds": 0.0}, None, None
-    found = ckpt.find_latest(run_dir, quarantine_bad=True) if info.is_main else None
+    found = on_rank0(info, lambda: find_resume_point(run_dir, start_over))
     path = dist_utils.broadcast_object(str(found[0]) if found else None)
     if path is not None:
         state = found[1] if info.is_main else ckpt.load_checkpoint(path)
@@ -287,21 +385,20 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     elif info.is_main:
         log.info("starting %s from scratch", run_dir)
 
+    on_rank0(info, lambda: (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)))
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "model %.1fM parameters; %d ranks (%s, %s); precision %s; mode %s",
             n_params / 1e6, info.world_size, info.backend, device, precision + (" + GradScaler" if use_scaler else ""), cfg.objective.mode,
         )
     if step >= max_steps:  # finished, but died before writing COMPLETE
-        if info.is_main:
-            (run_dir / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+        on_rank0(info, lambda: write_complete(run_dir, step))
         return 0
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    monitor = Monitor(run_dir, enabled=info.is_main, resume_step=step)
+    monitor = on_rank0(info, lambda: Monitor(run_dir, enabled=True, resume_step=step))
+    monitor = monitor or Monitor(run_dir, enabled=False)  # does nothing, on the other ranks
     stream = TrainStream(cfg, info.rank, info.world_size, state=data_state)
     if rng_state is not None:
         ckpt.set_rng_state(rng_state)  # last, after everything that draws random numbers at start-up
@@ -314,6 +411,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         torch.cuda.reset_peak_memory_stats(device)
 
     exit_code = 0
+    val_is_empty = False
     try:
         while step < max_steps:
             t_step = time.time()
@@ -335,7 +433,8 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             n_mlm, n_pairs = max(n_mlm, 1.0), max(sum(pairs), 1.0)
 
             # (3) forward/backward; gradients are all-reduced by DDP on the last micro-batch only.
-            stats = torch.zeros(8, dtype=torch.float64, device=device)  # ce, mlm ok, nce, nce acc, pairs, bad loss, stop, bad grad
+            # ce, mlm ok, nce, nce acc, pairs, bad loss, stop, bad grad, log write failed
+            stats = torch.zeros(9, dtype=torch.float64, device=device)
             for i, batch in enumerate(micro):
                 batch = batch.to(device, non_blocking=True)
                 sync = i == accum - 1
@@ -367,8 +466,11 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             stats[6] = float(_stop_signal is not None)
             stats[7] = (~torch.isfinite(grad_norm)).double()  # identical on all ranks (gradients are)
+            stats[8] = float(monitor.error is not None)
             dist_utils.dist.all_reduce(stats)
-            ce_sum, mlm_ok, nce_sum, nce_ok, nce_n, bad, stop, bad_grad = stats.tolist()
+            ce_sum, mlm_ok, nce_sum, nce_ok, nce_n, bad, stop, bad_grad, log_failed = stats.tolist()
+            if log_failed:  # rank 0 could not write log.jsonl at the previous step: stop here, on every rank
+                raise RunStopped(EXIT_ERROR, io_error_line(monitor.error) if monitor.error else "")
             step += 1
 
             # (5) update, or skip a non-finite step. With fp16 an inf gradient norm is the
@@ -439,8 +541,12 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                 with ckpt.preserved_rng():
                     t0 = time.time()
                     val = validate(model, cfg, info, amp)
-                monitor.log(step, val | {"seconds": time.time() - t0}, kind="val")
-                log.info("step %d validation: %s", step, " ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                if val:
+                    monitor.log(step, val | {"seconds": time.time() - t0}, kind="val")
+                    log.info("step %d validation: %s", step, " ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                elif not val_is_empty and info.is_main:
+                    log.warning("the val split of %s has no data: validation is skipped and nothing is logged for it", cfg.data.shards)
+                val_is_empty = not val
             if cfg.probe.every and step % cfg.probe.every == 0:
                 with ckpt.preserved_rng():
                     run_probes(model, cfg, step, monitor, info)
@@ -455,9 +561,11 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         stream.close()
         monitor.close()
 
-    if exit_code == 0 and step >= max_steps and info.is_main:
-        (run_dir / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
-        log.info("run complete at step %d (%.0f s of training)", step, extra["seconds"])
+    on_rank0(info, monitor.raise_error)  # a log line of the last step that could not be written
+    if exit_code == 0 and step >= max_steps:
+        on_rank0(info, lambda: write_complete(run_dir, step))
+        if info.is_main:
+            log.info("run complete at step %d (%.0f s of training)", step, extra["seconds"])
     return exit_code
 
 
@@ -472,10 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     info = dist_utils.setup()
     setup_logging(info.rank)
     try:
-        return train(cfg, info)
+        return train(cfg, info, start_over=args.start_over)
+    except RunStopped as exc:
+        if info.is_main and exc.message:
+            log.error("%s", exc.message)
+        return exc.exit_code
     except (ConfigError, ShardFormatError) as exc:  # the message names the key or file
         log.error("%s", exc)
-        return 2
+        return EXIT_BAD_INPUT
     finally:
         dist_utils.cleanup()
 

@@ -10,12 +10,19 @@ renamed over its final name with :func:`os.replace` (atomic on POSIX), and the f
 fsynced; the ``.sha256`` file is written the same way right after. A crash therefore leaves
 either the old set of checkpoints or the old set plus a complete new one, never a
 half-written file under a final name. Only the newest ``keep`` checkpoints are kept.
+Files get the permissions the umask allows (``0666 & ~umask``, as ``open`` would give), so the
+rest of a project group can read a run's checkpoints. A failed write (disk full, quota,
+permission) raises :class:`OSError` naming the checkpoint file, whatever layer it came from
+(``torch.save`` reports a failed write of its own as ``RuntimeError: ... unexpected pos``),
+and leaves the earlier checkpoints as they were.
 
 Reading (:func:`find_latest`): checkpoints are tried newest first; one that is truncated,
 corrupt (checksum mismatch, not a zip, missing keys) or from another format is reported with
 a logged warning naming the file and the reason, and the previous one is tried. A file
 without its ``.sha256`` (a crash between the two renames, or a copy) is accepted if it loads
-and has the expected keys.
+and has the expected keys. When checkpoints exist but none can be read,
+:class:`UnreadableCheckpoints` lists them all (and nothing is moved aside): that is a damaged
+run, not a new one.
 
 Checkpoint dict (``FORMAT_VERSION`` 1); only tensors, numbers, strings, None and
 lists/tuples/dicts of those, so ``torch.load(weights_only=True)`` reads it:
@@ -61,10 +68,20 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "step", "model", "config", "vocab_sha256")
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is unusable; the message names the file and the reason."""
+
+
+class UnreadableCheckpoints(CheckpointError):
+    """A run folder has checkpoints and none of them can be read; ``failures`` says why for each."""
+
+    def __init__(self, run_dir: Path, failures: list[tuple[Path, CheckpointError]]):
+        self.failures = failures
+        listing = "".join(f"\n  {exc}" for _, exc in failures)
+        super().__init__(f"{run_dir}: none of its {len(failures)} checkpoints can be read:{listing}")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -92,15 +109,24 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 class _HashingWriter:
-    """File wrapper that hashes what torch.save writes through it."""
+    """File wrapper that hashes what torch.save writes through it.
+
+    It also keeps the first :class:`OSError` of a write: torch.save turns it into a
+    ``RuntimeError`` about an unexpected position, which names neither the file nor the cause.
+    """
 
     def __init__(self, f):
         self.f = f
         self.sha = hashlib.sha256()
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.sha.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -119,23 +145,49 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any thread starts
+    # creating files (a thread creating a file in between would get umask 0).
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _atomic_write(path: Path, write) -> Any:
-    """Write ``path`` via a temporary file + fsync + os.replace; ``write(f)`` fills the file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``path`` via a temporary file + fsync + os.replace; ``write(f)`` fills the file.
+
+    An :class:`OSError` on the way (``ENOSPC``, ``EDQUOT``, ``EACCES``, ...) is raised again
+    with ``filename`` set to ``path``; the temporary file is removed and ``path`` is untouched.
+    """
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, "wb") as f:
             result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(Path(tmp))
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(Path(tmp))
         raise
     _fsync_dir(path.parent)
     return result
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
@@ -151,7 +203,12 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> P
 
     def write_pt(f):
         w = _HashingWriter(f)
-        torch.save(state, w)
+        try:
+            torch.save(state, w)
+        except RuntimeError as exc:
+            if w.error is not None:
+                raise w.error from exc
+            raise
         return w.sha.hexdigest()
 
     digest = _atomic_write(path, write_pt)
@@ -164,16 +221,10 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (and their checksums), and stale temp files."""
     found = list_checkpoints(run_dir)
     for _, path in found[: max(0, len(found) - keep)]:
-        for p in (path, path.with_name(path.name + ".sha256")):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        _remove(path)
+        _remove(path.with_name(path.name + ".sha256"))
     for tmp in checkpoint_dir(run_dir).glob(".step_*.tmp"):
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        _remove(tmp)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -201,6 +252,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"{path}: checksum mismatch (file is truncated or corrupt; {sidecar.name} says "
                 f"{(expected or ['nothing'])[0][:16]}..., file hashes to {actual[:16]}..., size {path.stat().st_size} bytes)"
             )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        raise CheckpointError(
+            f"{path}: not a checkpoint (a checkpoint is a zip archive written by torch.save; this file starts with {head!r})"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is unusable
@@ -224,20 +281,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def find_latest(
     run_dir: str | Path, map_location: str | torch.device = "cpu", quarantine_bad: bool = False
 ) -> tuple[Path, dict] | None:
-    """Newest valid checkpoint of a run as ``(path, state)``, or None when there is none.
+    """Newest valid checkpoint of a run as ``(path, state)``, or None when the run has none.
 
     Unusable newer files are skipped with a warning naming the file and the reason; with
     ``quarantine_bad`` (the trainer, on resume) they are also renamed to ``*.corrupt`` so that
     they are never tried again and cannot outrank the checkpoints the resumed run writes.
+    Raises :class:`UnreadableCheckpoints` when there are checkpoints but none can be read
+    (nothing is renamed then).
     """
+    failures: list[tuple[Path, CheckpointError]] = []
     for _step, path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load_checkpoint(path, map_location)
+            found = path, load_checkpoint(path, map_location)
         except CheckpointError as exc:
+            failures.append((path, exc))
+            continue
+        for bad, exc in failures:
             if quarantine_bad:
-                log.warning("skipping checkpoint %s; moved aside to %s", exc, quarantine(path).name)
+                log.warning("skipping checkpoint %s; moved aside to %s", exc, quarantine(bad).name)
             else:
                 log.warning("skipping checkpoint %s", exc)
+        return found
+    if failures:
+        raise UnreadableCheckpoints(Path(run_dir), failures)
     return None
 
 

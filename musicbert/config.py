@@ -3,13 +3,15 @@
 ``load_config("configs/neighbor.yaml", ["train.max_steps=100", "run_dir=runs/x"])``
 reads the file (and the file its ``base:`` key names, relative to it), applies the
 overrides, and validates everything: an unknown key is an error that lists the valid
-ones, a value of the wrong type names the key, and inconsistent settings (for example
-``BERT-dropout`` with dropout 0) are refused with the reason.
+ones, a value of the wrong type names the key, every number is checked against the range
+declared beside its field (``in_range``; NaN and infinity are refused everywhere), and
+inconsistent settings (for example ``BERT-dropout`` with dropout 0) are refused with the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,107 +29,138 @@ class ConfigError(ValueError):
     """A configuration file or override is wrong; the message names the key."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: ``low <(=) value <(=) high`` (None: unbounded)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, value: float, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} ({value}) must be a finite number")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            raise ConfigError(f"{key} ({value}) must be {self}")
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+
+
+def in_range(default: Any, allowed: Range) -> Any:
+    """A dataclass field whose value (each element, for tuples) must lie in ``allowed``."""
+    return field(default=default, metadata={"range": allowed})
+
+
+def check_ranges(section: Any, prefix: str) -> None:
+    """Check every field of ``section`` declared with :func:`in_range`, and that no float is NaN/inf."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}.{f.name}"
+        allowed = f.metadata.get("range", Range())
+        for i, item in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                allowed.check(item, key if i is None else f"{key}[{i}]")
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 560
-    dim: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    ff_dim: int = 3072
-    max_len: int = 512
-    dropout: float = 0.1
-    rotary_dims: int = 32  # rotary embedding on this many dims of each head's queries and keys
+    vocab_size: int = in_range(560, AT_LEAST_1)
+    dim: int = in_range(768, AT_LEAST_1)
+    n_layers: int = in_range(12, AT_LEAST_1)
+    n_heads: int = in_range(12, AT_LEAST_1)
+    ff_dim: int = in_range(3072, AT_LEAST_1)
+    max_len: int = in_range(512, AT_LEAST_1)
+    dropout: float = in_range(0.1, FRACTION)
+    rotary_dims: int = in_range(32, NON_NEGATIVE)  # rotary embedding on this many dims of each head's queries and keys
 
     def validate(self) -> None:
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         head_dim = self.dim // self.n_heads
-        if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= head_dim:
+        if self.rotary_dims % 2 or self.rotary_dims > head_dim:
             raise ConfigError(f"model.rotary_dims ({self.rotary_dims}) must be even and at most dim/n_heads ({head_dim})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout ({self.dropout}) must be in [0, 1)")
 
 
 @dataclass
 class ObjectiveConfig:
     mode: str = "BERT-neighbor"
-    mask_ratio: float = 0.15
-    temperature: float = 0.1
-    mlm_weight: float = 1.0
-    nce_weight: float = 0.1
-    aug_pitch_shift: int = 6  # BERT-aug: pitches shift by k in [-6, 6]
-    aug_velocity_shift: int = 3  # BERT-aug: velocity bins shift by j in [-3, 3]
+    mask_ratio: float = in_range(0.15, Range(0, 1, low_open=True, high_open=True))
+    temperature: float = in_range(0.1, POSITIVE)
+    mlm_weight: float = in_range(1.0, NON_NEGATIVE)
+    nce_weight: float = in_range(0.1, NON_NEGATIVE)
+    aug_pitch_shift: int = in_range(6, Range(0, 127))  # BERT-aug: pitches shift by k in [-6, 6]
+    aug_velocity_shift: int = in_range(3, Range(0, 31))  # BERT-aug: velocity bins shift by j in [-3, 3]
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"objective.mode {self.mode!r} is not one of {list(MODES)}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"objective.mask_ratio ({self.mask_ratio}) must be in (0, 1)")
-        if self.temperature <= 0:
-            raise ConfigError(f"objective.temperature ({self.temperature}) must be > 0")
+        if self.mlm_weight == 0 and (self.nce_weight == 0 or self.mode == "BERT"):
+            raise ConfigError("objective.mlm_weight is 0 and there is no contrastive loss (nce_weight 0 or mode BERT): nothing to train")
 
 
 @dataclass
 class DataConfig:
     shards: str = "shards/lmd"  # a folder written by `python -m preprocess`
-    max_tokens: int = 12288  # real tokens per rank per step (the reference: 24 bars of up to 512)
-    row_len: int = 1024  # length of a packed row; at least model.max_len
-    shuffle_buffer: int = 256  # songs
-    workers: int = 4  # DataLoader workers per rank
-    seed: int = 0
+    max_tokens: int = in_range(12288, AT_LEAST_1)  # real tokens per rank per step (the reference: 24 bars of up to 512)
+    row_len: int = in_range(1024, AT_LEAST_1)  # length of a packed row; at least model.max_len
+    shuffle_buffer: int = in_range(256, AT_LEAST_1)  # songs
+    workers: int = in_range(4, NON_NEGATIVE)  # DataLoader workers per rank
+    seed: int = in_range(0, NON_NEGATIVE)
 
     def validate(self) -> None:
-        if self.row_len < 1 or self.max_tokens < self.row_len:
+        if self.max_tokens < self.row_len:
             raise ConfigError(f"data.max_tokens ({self.max_tokens}) must be at least data.row_len ({self.row_len})")
-        if self.workers < 0:
-            raise ConfigError(f"data.workers ({self.workers}) must be >= 0")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100_000
-    lr: float = 1e-4
-    warmup_steps: int = 10_000
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    accum_steps: int = 1
+    max_steps: int = in_range(100_000, AT_LEAST_1)
+    lr: float = in_range(1e-4, POSITIVE)
+    warmup_steps: int = in_range(10_000, AT_LEAST_1)
+    weight_decay: float = in_range(0.01, NON_NEGATIVE)
+    betas: tuple[float, float] = in_range((0.9, 0.999), FRACTION)
+    grad_clip: float = in_range(1.0, POSITIVE)
+    accum_steps: int = in_range(1, AT_LEAST_1)
     precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 with GradScaler on GPU, fp32 on CPU
     # How attention is computed (same numbers to rounding; see musicbert/model.py): auto = varlen
     # (flash attention over the packed bars) on GPUs that run it in bf16/fp16, else bars.
     attention: str = "auto"
-    log_every: int = 50
-    val_every: int = 2000
-    val_batches: int = 50
-    ckpt_every: int = 2000
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
-    seed: int = 0
+    log_every: int = in_range(50, AT_LEAST_1)
+    val_every: int = in_range(2000, AT_LEAST_1)
+    val_batches: int = in_range(50, AT_LEAST_1)
+    ckpt_every: int = in_range(2000, AT_LEAST_1)
+    keep_checkpoints: int = in_range(3, Range(2))  # >= 2 so that a corrupt newest one has a fallback
+    max_bad_steps: int = in_range(20, AT_LEAST_1)  # consecutive non-finite losses before the run stops
+    seed: int = in_range(0, NON_NEGATIVE)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision {self.precision!r} is not one of {list(PRECISIONS)}")
         if self.attention not in ATTENTION_LAYOUTS:
             raise ConfigError(f"train.attention {self.attention!r} is not one of {list(ATTENTION_LAYOUTS)}")
-        if self.keep_checkpoints < 2:
-            raise ConfigError(f"train.keep_checkpoints ({self.keep_checkpoints}) must be >= 2 so a corrupt newest one has a fallback")
-        for key in ("max_steps", "warmup_steps", "accum_steps", "log_every", "val_every", "ckpt_every", "max_bad_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} ({getattr(self, key)}) must be >= 1")
 
 
 @dataclass
 class ProbeConfig:
     """Probes run by the training loop on a small sample (0 = never)."""
 
-    every: int = 0
+    every: int = in_range(0, NON_NEGATIVE)
     layers: str = "all"
-    max_songs: int = 200
-    projector_bars: int = 500  # bar embeddings written for TensorBoard's projector at each probe
-
-    def validate(self) -> None:
-        if self.every < 0:
-            raise ConfigError(f"probe.every ({self.every}) must be >= 0")
+    max_songs: int = in_range(200, AT_LEAST_1)
+    projector_bars: int = in_range(500, NON_NEGATIVE)  # bar embeddings written for TensorBoard's projector at each probe
 
 
 @dataclass
@@ -140,7 +173,9 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.objective, self.data, self.train, self.probe):
+        for name in ("model", "objective", "data", "train", "probe"):
+            check_ranges(getattr(self, name), name)  # first: the sections' own checks divide by these
+        for section in (self.model, self.objective, self.data, self.train):
             section.validate()
         if self.objective.mode == "BERT-dropout" and self.model.dropout == 0:
             raise ConfigError(

@@ -6,8 +6,9 @@
 
 A folder argument stands for the ``.mid`` / ``.midi`` files under it. Files that cannot be
 used (not 4/4, unreadable, no bar long enough, ...) are reported on stderr with the reason
-and skipped; the exit status is 1 only if no file could be embedded. The Python API is
-:mod:`musicbert.api`.
+and skipped. Exit status 0: at least one file embedded; 1: no file could be embedded (an
+error says so and no ``.npz`` is written); 2: the checkpoint or ``--layer`` is unusable.
+The Python API is :mod:`musicbert.api`.
 
 ``FILE.npz`` (read with ``np.load(path)``; nothing is pickled), all embedded bars of all files
 in one table, files in the order given:
@@ -15,14 +16,16 @@ in one table, files in the order given:
 ================ ======================== ==========================================
 key              shape                    meaning
 ================ ======================== ==========================================
-embeddings       [n, dim] (one layer)     float32 bar embeddings; with several
-                 [n_layers, n, dim]       layers, layer ``layers[i]`` is ``embeddings[i]``
+embeddings       [n_layers, n, dim]       float32 bar embeddings, always 3-D (``--layer 12``
+                                          gives ``n_layers`` 1): layer ``layers[i]`` is ``embeddings[i]``
 layers           [n_layers]               1-based layer numbers
 file_index       [n]                      which entry of ``files`` the bar comes from
 bar_index        [n]                      index of the bar among its song's bars
 files            [n_files]                paths of the embedded files
 rejected_files   [n_rejected]             paths of the files that could not be used
-rejected_reasons [n_rejected]             why (one line each)
+rejected_reasons [n_rejected]             reason codes (``not_4_4``, ``not_midi``, ...; see
+                                          ``preprocess/errors.py``)
+rejected_messages [n_rejected]            the explanation, one line each
 ================ ======================== ==========================================
 """
 
@@ -60,20 +63,19 @@ def _layer_arg(text: str):
 
 
 def save_npz(path: str | Path, results, rejected, layers: list[int]) -> None:
-    bar_axis = 0 if len(layers) == 1 else 1  # embeddings are [n_bars, dim] or [n_layers, n_bars, dim]
-    if results:
-        emb = np.concatenate([r.embeddings for r in results], axis=bar_axis)
-    else:
-        emb = np.zeros((0, 0) if len(layers) == 1 else (len(layers), 0, 0), dtype=np.float32)
+    """Write the table of the module docstring; ``results`` must not be empty."""
+    # the API gives [n_bars, dim] for one layer and [n_layers, n_bars, dim] for several
+    emb = np.concatenate([r.embeddings.reshape(len(layers), r.n_bars, -1) for r in results], axis=1)
     np.savez(
         path,
         embeddings=emb.astype(np.float32),
         layers=np.asarray(layers, dtype=np.int64),
-        file_index=np.concatenate([np.full(r.n_bars, i, dtype=np.int64) for i, r in enumerate(results)]) if results else np.zeros(0, np.int64),
-        bar_index=np.concatenate([r.bar_index for r in results]) if results else np.zeros(0, np.int64),
+        file_index=np.concatenate([np.full(r.n_bars, i, dtype=np.int64) for i, r in enumerate(results)]),
+        bar_index=np.concatenate([r.bar_index for r in results]),
         files=np.asarray([r.path for r in results], dtype=str),
         rejected_files=np.asarray([r.path for r in rejected], dtype=str),
-        rejected_reasons=np.asarray([r.message.replace("\n", " ") for r in rejected], dtype=str),
+        rejected_reasons=np.asarray([r.reason for r in rejected], dtype=str),
+        rejected_messages=np.asarray([r.message.replace("\n", " ") for r in rejected], dtype=str),
     )
 
 
@@ -108,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for r in rejected:
         print(f"skipped {r.message} [{r.reason}]", file=sys.stderr)
+    if not results:
+        print(f"error: none of the {len(paths)} files could be embedded (see above); {args.out} not written", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_npz(out, results, rejected, layers)
     n_bars = sum(r.n_bars for r in results)
     print(f"embedded {len(results)} of {len(paths)} files ({n_bars} bars, layers {layers}) -> {out}"
           + (f"; {len(rejected)} skipped (see above)" if rejected else ""))
-    return 0 if results else 1
+    return 0
 
 
 if __name__ == "__main__":

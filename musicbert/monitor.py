@@ -4,16 +4,25 @@
   "nce_loss": ..., "lr": ..., ...}``) and one per validation (``"kind": "val"``) or probe
   (``"kind": "probe"``). Floats are written with ``repr`` precision, so a reader gets back
   exactly the float the loop computed (tests compare losses step by step).
-  On resume, lines for steps after the checkpoint's step are dropped first, so each step
-  appears once even after a crash between a checkpoint and the next.
+  History is append-only: on resume, the lines of steps after the checkpoint's step (written
+  by an attempt that died before its next checkpoint, and replayed now) and any line cut by a
+  crash are moved to ``RUN_DIR/log.rewound.jsonl``, after a header line
+  ``{"kind": "rewound", "resume_step": S, "moved_at": ISO time, "lines": n}``. So
+  ``log.jsonl`` holds each step once, and no line ever written is lost.
 - ``RUN_DIR/tb``: TensorBoard scalars (``train/*``, ``val/*``, ``probe_<metric>/layer_NN``) and,
-  through :attr:`Monitor.tb`, bar embeddings for the projector.
+  through :attr:`Monitor.tb`, bar embeddings for the projector. Event files are never
+  rewritten: a resumed run opens a new one with ``purge_step``, which tells TensorBoard to
+  hide the earlier events after the checkpoint; they stay on disk.
+- A write that fails (disk full, quota, permission) does not raise inside the training step:
+  :attr:`Monitor.error` keeps the :class:`OSError` (naming the file) and the loop stops the
+  run on all ranks at its next step boundary.
 - human-readable lines go to the ``logging`` module (stderr), configured by
   :func:`setup_logging`.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -79,42 +88,39 @@ class Monitor:
         self.run_dir = Path(run_dir)
         self._tb = None
         self._jsonl = None
+        self.error: OSError | None = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "log.jsonl"
-        if path.exists():
-            self._truncate_after(path, resume_step)
-        self._jsonl = open(path, "a", buffering=1)
+        self.path = self.run_dir / "log.jsonl"
+        if self.path.exists():
+            set_aside_after(self.path, resume_step)
+        self._jsonl = open(self.path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events after the checkpoint left by a run that went further before it died.
         self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
-    @staticmethod
-    def _truncate_after(path: Path, step: int) -> None:
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except ValueError:
-                continue  # a line cut by a crash
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, path)
-
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         """One JSON line and one TensorBoard scalar per metric (``kind/name``)."""
-        if not self.enabled:
+        if not self.enabled or self.error is not None:
             return
         record = {"step": step, **({"kind": kind} if kind != "train" else {}), **{k: _clean(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            self.error = OSError(exc.errno, exc.strerror, str(self.path))
+            return
         for name, value in metrics.items():
             value = _clean(value)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 tag = name if "/" in name else f"{kind}/{name}"
                 self._tb.add_scalar(tag, value, step)
+
+    def raise_error(self) -> None:
+        """Raise the :class:`OSError` of a failed write, if there was one."""
+        if self.error is not None:
+            raise self.error
 
     @property
     def tb(self):
@@ -122,12 +128,46 @@ class Monitor:
         return self._tb
 
     def flush(self) -> None:
-        if self.enabled:
-            self._jsonl.flush()
+        if self.enabled and self.error is None:
+            try:
+                self._jsonl.flush()
+            except OSError as exc:
+                self.error = OSError(exc.errno, exc.strerror, str(self.path))
             self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            try:
+                self._jsonl.close()
+            except OSError as exc:  # a line that could not be written; the loop has already stopped
+                self.error = self.error or OSError(exc.errno, exc.strerror, str(self.path))
             self._tb.close()
             self.enabled = False
+
+
+def set_aside_after(path: Path, step: int) -> None:
+    """Move the lines of ``path`` for steps after ``step`` (and lines cut by a crash) to
+    ``log.rewound.jsonl`` beside it, after a header line; keep the others in place, in order.
+
+    The moved lines are appended and fsynced before ``path`` is replaced (atomically), so a
+    crash in between can at worst leave a line in both files, never in neither.
+    """
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        try:
+            ok = json.loads(line).get("step", 0) <= step
+        except (ValueError, AttributeError):
+            ok = False  # a line cut by a crash
+        (kept if ok else moved).append(line)
+    if not moved:
+        return
+    header = {"kind": "rewound", "resume_step": step, "moved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "lines": len(moved)}
+    aside = path.with_name("log.rewound.jsonl")
+    with open(aside, "a") as f:
+        f.write("".join(line + "\n" for line in [json.dumps(header), *moved]))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    log.info("%s: %d lines after step %d (from an attempt that did not reach its next checkpoint) moved to %s", path, len(moved), step, aside.name)

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputExists, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, quota, permission: one line; --out is left as it was
+        print(f"error: writing {exc.filename or args.out}: {exc.strerror or exc}; --out left as it was", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; --out left as it was", file=sys.stderr)
         return 130

@@ -152,9 +152,9 @@ def preprocess_corpus(
             else:
                 errors.write(rel, result[1], result[2])
             if bar is not None:
+                # every file (not refreshed each time): the bar's last line shows the final counts
+                bar.set_postfix(songs=sum(w.songs for w in writers.values()), rejected=errors.count, refresh=False)
                 bar.update(1)
-                if index % 20 == 0:
-                    bar.set_postfix(songs=sum(w.songs for w in writers.values()), rejected=errors.count, refresh=False)
         if pool is not None:
             summary.worker_restarts = pool.restarts
             pool.close()

@@ -1,9 +1,12 @@
-"""musicbert/checkpoint.py: atomic writes, pruning, corrupt-newest fallback, RNG round trip."""
+"""musicbert/checkpoint.py: atomic writes, pruning, corrupt-newest fallback, I/O errors, RNG round trip."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -79,6 +82,60 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 2, _state(2), keep=3)
     names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert sorted(names) == ["step_00000001.pt", "step_00000001.pt.sha256"]  # no partial file, no temp left
+
+
+def test_disk_full_inside_torch_save_names_the_file(tmp_path, monkeypatch):
+    # torch.save reports a failed write of its own as "RuntimeError: [enforce fail at
+    # inline_container.cc] unexpected pos"; the caller must get the OSError with the file named.
+    ckpt.save_checkpoint(tmp_path, 1, _state(1), keep=3)
+
+    class FillsUp:
+        """A file that takes 4 KiB, then fails as a full disk does."""
+
+        def __init__(self, f):
+            self.f, self.room = f, 4096
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.f.write(data)
+
+    real_init = ckpt._HashingWriter.__init__
+    monkeypatch.setattr(ckpt._HashingWriter, "__init__", lambda self, f: real_init(self, FillsUp(f)))
+    with pytest.raises(OSError) as info:
+        ckpt.save_checkpoint(tmp_path, 2, _state(2), keep=3)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(ckpt.checkpoint_path(tmp_path, 2))
+    assert "unexpected pos" in str(info.value.__cause__.__cause__)  # it did come through torch.save's RuntimeError
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001.pt", "step_00000001.pt.sha256"]
+    assert ckpt.find_latest(tmp_path)[1]["step"] == 1
+
+
+def test_checkpoints_get_the_umask_permissions(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = ckpt.save_checkpoint(tmp_path, 1, _state(1), keep=3)
+    for p in (path, path.with_name(path.name + ".sha256")):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_a_text_file_is_not_a_checkpoint(tmp_path):
+    fake = tmp_path / "model.pt"
+    fake.write_text("hello\n")
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.pt: not a checkpoint .* starts with b'hell'"):
+        ckpt.load_checkpoint(fake)
+
+
+def test_all_checkpoints_unreadable_lists_them_and_moves_nothing(tmp_path):
+    for step in (1, 2):
+        path = ckpt.save_checkpoint(tmp_path, step, _state(step), keep=3)
+        path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ckpt.UnreadableCheckpoints) as info:
+        ckpt.find_latest(tmp_path, quarantine_bad=True)
+    message = str(info.value)
+    assert "none of its 2 checkpoints can be read" in message
+    assert "step_00000001.pt: checksum mismatch" in message and "step_00000002.pt: checksum mismatch" in message
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]  # nothing renamed
 
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):

@@ -71,18 +71,32 @@ def test_cli_writes_npz_and_reports_rejected_files(ckpt, tmp_path, capsys):
     with np.load(out, allow_pickle=False) as z:
         assert list(z["files"]) == [str(GOOD[0]), str(GOOD[2])]
         assert list(z["rejected_files"]) == [str(NOT_4_4)]
-        assert z["embeddings"].shape == (len(z["bar_index"]), 32) and list(z["layers"]) == [2]
+        assert list(z["rejected_reasons"]) == ["not_4_4"] and "7/8" in z["rejected_messages"][0]
+        assert z["embeddings"].shape == (1, len(z["bar_index"]), 32) and list(z["layers"]) == [2]
         n0 = int(np.sum(z["file_index"] == 0))
         alone = api.load(ckpt, device="cpu").embed_midi(GOOD[0])
-        np.testing.assert_allclose(z["embeddings"][:n0], alone.embeddings, atol=1e-5)
+        np.testing.assert_allclose(z["embeddings"][0, :n0], alone.embeddings, atol=1e-5)
         np.testing.assert_array_equal(z["bar_index"][:n0], alone.bar_index)
 
     rc = embed.main(["--checkpoint", str(ckpt), "--layer", "all", "--out", str(tmp_path / "all.npz"), "--device", "cpu", str(GOOD[2])])
     assert rc == 0
     with np.load(tmp_path / "all.npz") as z:
-        assert z["embeddings"].shape[:1] == (2,) and list(z["layers"]) == [1, 2]
+        assert z["embeddings"].shape == (2, len(z["bar_index"]), 32) and list(z["layers"]) == [1, 2]
 
-    assert embed.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "none.npz"), "--device", "cpu", str(NOT_4_4)]) == 1
+
+def test_cli_writes_nothing_when_every_file_is_rejected(ckpt, tmp_path, capsys):
+    out = tmp_path / "none.npz"
+    assert embed.main(["--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu", str(NOT_4_4)]) == 1
+    assert "none of the 1 files could be embedded" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_names_a_text_file_given_as_checkpoint(tmp_path, capsys):
+    fake = tmp_path / "model.pt"
+    fake.write_text("hello, I am not a checkpoint\n")
+    assert embed.main(["--checkpoint", str(fake), "--out", str(tmp_path / "e.npz"), "--device", "cpu", str(GOOD[0])]) == 2
+    err = capsys.readouterr().err
+    assert str(fake) in err and "not a checkpoint" in err and "KeyError" not in err
 
 
 def test_random_init_encoder_is_seeded(ckpt):

@@ -12,7 +12,13 @@ What is checked (each run takes seconds; the whole file about 2 minutes on 2 cor
   see exactly the losses of the single-node run with the same world size;
 - non-finite losses (lr = 1e30 destroys the weights after the first update) are skipped on
   all ranks and stop the run with a clear message and a non-zero exit;
-- a world-size change on resume is refused with a message.
+- a world-size change on resume is refused with a message;
+- the run folder (``test_*`` at the end): a second run on a busy folder is refused naming the
+  holder and the first goes on unharmed; a folder whose checkpoints are all unreadable is
+  refused and its history kept (``--start-over`` then starts at step 0); a checkpoint write
+  on a full file system (a tmpfs, when the test may mount one) stops the run with one line
+  naming the file, and the run resumes exactly from the checkpoint before; after kill -9 no
+  line of log.jsonl is lost; an empty val split is reported once and logs nothing.
 The loss falling on real data over a few hundred steps is shown by ``make demo``
 (configs/demo.yaml), not here.
 """
@@ -28,6 +34,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from musicbert import checkpoint as ckpt
 
 import pytest
 
@@ -85,6 +93,11 @@ def losses(run_dir: Path) -> dict[int, tuple[float, float, float]]:
             assert rec["step"] not in out, f"step {rec['step']} logged twice"
             out[rec["step"]] = (rec["loss"], rec["mlm_loss"], rec["nce_loss"])
     return out
+
+
+def log_lines(run_dir: Path, name: str = "log.jsonl") -> list[str]:
+    path = run_dir / name
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -220,10 +233,16 @@ def test_sigterm_then_kill9_resume_exactly(reference, tmp_path):
     finally:
         kill_tree(proc)
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped[-1]:08d}.pt'}" in (tmp_path / "2.log").read_text()
-    # 3. resume again and finish: every step's losses equal the uninterrupted run's.
+    before_kill = log_lines(run_dir)
+    # 3. resume again and finish: every step's losses equal the uninterrupted run's, and every
+    #    line written before the kill is still there (the steps after the checkpoint, replayed
+    #    now, moved to log.rewound.jsonl).
     r = run(torchrun_cmd(config, run_dir))
     assert r.returncode == 0, r.stdout + r.stderr
     assert_same_losses(losses(run_dir), ref)
+    kept, aside = log_lines(run_dir), log_lines(run_dir, "log.rewound.jsonl")
+    assert kept[: len(before_kill)] == [line for line in before_kill if json.loads(line)["step"] <= N]
+    assert all(line in kept or line in aside for line in before_kill)
 
 
 def test_truncated_newest_checkpoint_falls_back(reference, tmp_path):
@@ -334,3 +353,108 @@ def test_missing_shards_folder_is_a_clear_error(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"{missing}/manifest.json: not found" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def test_second_run_on_a_busy_folder_is_refused(reference, tmp_path):
+    config, _, ref = reference
+    run_dir = tmp_path / "run"
+    first = start(torchrun_cmd(config, run_dir, "train.max_steps=1000"), tmp_path / "first.log")
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 1, first)
+        holder = children(first.pid)
+        # the same command (2 ranks) and a single process: both refused, naming the holder
+        second = run(torchrun_cmd(config, run_dir, "train.max_steps=1000"))
+        alone = run([sys.executable, str(TRAIN), "--config", str(config), f"run_dir={run_dir}"], timeout=60)
+        assert first.poll() is None, "the first run must go on"
+        os.kill(max(holder), signal.SIGTERM)
+        assert first.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()
+    finally:
+        if first.poll() is None:
+            kill_tree(first)
+    assert second.returncode != 0 and alone.returncode == 3, second.stderr + alone.stderr
+    for r in (second, alone):
+        refusals = [line for line in r.stderr.splitlines() if "is in use by another run" in line]
+        assert len(refusals) == 1, r.stderr  # one line, from rank 0 only; the other rank stopped quietly
+        assert f"{run_dir} is in use by another run (pid {min(holder)} on {socket.gethostname()}" in refusals[0]
+        assert "train_ddp.py\", line" not in r.stderr  # no traceback from train_ddp.py (torchrun prints its own)
+    # the first run is unharmed: it alone wrote the folder, every step once, the reference losses
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, len(got) + 1))
+    assert_same_losses({k: v for k, v in got.items() if k <= 2 * N}, {k: v for k, v in ref.items() if k <= len(got)})
+    assert not (run_dir / "log.rewound.jsonl").exists() and "resumed" not in (tmp_path / "first.log").read_text()
+
+
+def test_unreadable_checkpoints_are_refused_history_kept(reference, tmp_path):
+    config, ref_dir, ref = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    (run_dir / "COMPLETE").unlink()
+    paths = [p for _, p in ckpt.list_checkpoints(run_dir)]
+    paths[0].write_text("not a checkpoint\n")
+    paths[0].with_name(paths[0].name + ".sha256").unlink()
+    paths[1].write_bytes(paths[1].read_bytes()[:1000])
+    history = log_lines(run_dir)
+    r = run(torchrun_cmd(config, run_dir))
+    assert r.returncode != 0
+    assert "none of its 2 checkpoints can be read" in r.stderr and "--start-over" in r.stderr, r.stderr
+    assert f"{paths[0]}: not a checkpoint" in r.stderr and f"{paths[1]}: checksum mismatch" in r.stderr
+    assert log_lines(run_dir) == history and [p for _, p in ckpt.list_checkpoints(run_dir)] == paths  # nothing touched
+    # starting over is explicit; the old history is kept aside
+    r = run(torchrun_cmd(config, run_dir, "--start-over", "train.max_steps=2"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(p.with_name(p.name + ".corrupt").exists() for p in paths)
+    assert log_lines(run_dir, "log.rewound.jsonl")[1:] == history
+    assert_same_losses(losses(run_dir), {k: ref[k] for k in (1, 2)})
+
+
+def test_full_disk_during_a_checkpoint(reference, tmp_path):
+    config, ref_dir, ref = reference
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root (the ENOSPC path is unit-tested in test_checkpoint.py)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = (ref_dir / "checkpoints" / f"step_{N:08d}.pt").stat().st_size
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={4 * size}", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        run_dir = disk / "run"
+        shutil.copytree(ref_dir, run_dir, ignore=shutil.ignore_patterns(f"step_{2 * N:08d}.pt*", "COMPLETE", "tb"))
+        # fill the disk but half a checkpoint (log lines still fit)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - size // 2))
+        r = run(torchrun_cmd(config, run_dir))
+        assert r.returncode != 0
+        newest = run_dir / "checkpoints" / f"step_{2 * N:08d}.pt"
+        errors = [line for line in r.stderr.splitlines() if "No space left on device" in line]
+        assert len(errors) == 1 and f"{newest}: No space left on device (ENOSPC)" in errors[0], r.stderr
+        assert "unexpected pos" not in r.stderr and "inline_container" not in r.stderr
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{N:08d}.pt", f"step_{N:08d}.pt.sha256"]
+        assert ckpt.load_checkpoint(run_dir / "checkpoints" / f"step_{N:08d}.pt")["step"] == N
+        # space again: the run resumes from step N and ends as the uninterrupted one did
+        (disk / "filler").unlink()
+        r = run(torchrun_cmd(config, run_dir))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert_same_losses(losses(run_dir), ref)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_empty_val_split_logs_nothing(shards, tmp_path):
+    no_val = tmp_path / "shards"
+    shutil.copytree(shards, no_val)
+    manifest = json.loads((no_val / "manifest.json").read_text())
+    for name in manifest["splits"]["val"]["shards"]:
+        (no_val / name).unlink()
+    manifest["splits"]["val"] = {"songs": 0, "bars": 0, "tokens": 0, "shards": []}
+    (no_val / "manifest.json").write_text(json.dumps(manifest))
+    config = tiny_config(tmp_path, no_val, mode="BERT")
+    run_dir = tmp_path / "run"
+    r = run([sys.executable, str(TRAIN), "--config", str(config), f"run_dir={run_dir}", "train.max_steps=3", "train.val_every=1"], timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("has no data: validation is skipped") == 1, r.stderr  # said once, not at every validation
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+    assert not [line for line in log_lines(run_dir) if '"val"' in line]
