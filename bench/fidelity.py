@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from musicbert.probes import iter_split_songs  # noqa: E402
 from musicbert.shards import CHORD_QUALITIES, PITCH_CLASSES, SPLITS, chord_index, chord_name  # noqa: E402
-from musicbert.vocab import TEMPO_BINS, VOCAB  # noqa: E402
+from musicbert.vocab import POSITIONS_PER_BAR, TEMPO_BINS, VOCAB  # noqa: E402
+from preprocess.midi import nearest_bin, note_table, read_midi, tempo_map  # noqa: E402
 from preprocess.run import Options, preprocess_corpus  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -52,6 +53,13 @@ DEFAULT_REFERENCE = SHARED / "fidelity" / "reference_bars_dev.jsonl.gz"
 MMA_FOLDER = "labelled_mma_generated_seed1"
 TEMPO_TOKEN = 2  # Bar_0 Position_0 Tempo_t
 LABELS = ("instruments", "groove", "chords", "tempo", "mean_velocity", "mean_duration")
+#: The reference's tempo defects (README, "Differences from the reference implementation"),
+#: which this project does not reproduce; :func:`tempo_class` names the ones behind a bar's tempo.
+TEMPO_DEFECTS = (
+    "tempo read from the first track only",
+    "BPM truncated to an integer before binning",
+    "tempo in force = first change of the last bar with a change (changes in dropped leading bars unseen)",
+)
 
 
 @dataclass
@@ -76,7 +84,8 @@ class Fidelity:
     identical_tokens: int = 0
     identical_notes: int = 0
     label_agree: dict = field(default_factory=dict)
-    classes: Counter = field(default_factory=Counter)
+    classes: Counter = field(default_factory=Counter)  # bars whose notes differ, by kind
+    tempo_classes: Counter = field(default_factory=Counter)  # bars whose tempo token differs, by cause
     ref_notes: int = 0
     ours_notes: int = 0
     fewer_notes: list = field(default_factory=list)  # (path, ours, ref)
@@ -156,7 +165,48 @@ def classify(ours: list[str], ref: list[str]) -> str:
     return "more notes here" if len(a) > len(b) else "fewer notes here"
 
 
-def compare(reference: dict[str, dict], songs: dict[str, object]) -> Fidelity:
+def reference_style_tempo_bins(midi, first_bar: int, n_bars: int, defects: tuple[bool, bool, bool]) -> np.ndarray:
+    """Tempo bin of every song bar computed with the chosen reference defects (:data:`TEMPO_DEFECTS`)."""
+    first_track, truncate, carry = defects
+    events = [e for e in midi.tempos if not first_track or e[2] == 0]
+    ticks, bpm = tempo_map(events)
+    if truncate:
+        bpm = np.floor(bpm)
+    bars = (ticks * 12 // midi.ticks_per_beat) // POSITIONS_PER_BAR - first_bar
+    bins = nearest_bin(bpm, TEMPO_BINS)
+    out = np.empty(n_bars, dtype=np.int64)
+    current = bins[0]
+    for j in range(n_bars):
+        inside = np.flatnonzero(bars == j)
+        if len(inside):
+            current = bins[inside[0]]
+        elif not carry:
+            before = np.flatnonzero(bars < j)
+            current = bins[before[-1]] if len(before) else bins[0]
+        out[j] = current
+    return out
+
+
+def tempo_classes(path: Path, j_tempos: dict[int, int]) -> dict[int, str]:
+    """For song bars ``j`` whose reference tempo bin is ``j_tempos[j]``, the defects that explain it.
+
+    Tries the defects alone, then in pairs, then all three; a bar no combination explains is
+    ``"tempo: unexplained"``.
+    """
+    midi = read_midi(path)
+    table = note_table(midi)
+    first_bar = int(table.onset.min()) // POSITIONS_PER_BAR
+    n_bars = max(j_tempos) + 1
+    combos = sorted((c for c in np.ndindex(2, 2, 2) if any(c)), key=sum)
+    models = {c: reference_style_tempo_bins(midi, first_bar, n_bars, tuple(map(bool, c))) for c in combos}
+    out = {}
+    for j, want in j_tempos.items():
+        hit = next((c for c in combos if models[c][j] == want), None)
+        out[j] = "tempo: unexplained" if hit is None else "tempo: " + " + ".join(d for d, on in zip(TEMPO_DEFECTS, hit) if on)
+    return out
+
+
+def compare(reference: dict[str, dict], songs: dict[str, object], data: Path) -> Fidelity:
     fid = Fidelity(ref_files=len(reference))
     for path, rec in reference.items():
         ref_bars = rec.get("bars") or []
@@ -175,6 +225,7 @@ def compare(reference: dict[str, dict], songs: dict[str, object]) -> Fidelity:
         fid.ref_notes += ref_notes
         if ours_notes < ref_notes:
             fid.fewer_notes.append((path, ours_notes, ref_notes))
+        tempo_differs: dict[int, int] = {}
         for bar in ref_bars:
             k = ours_by_j.get(int(bar["j"]))
             if k is None:
@@ -183,6 +234,8 @@ def compare(reference: dict[str, dict], songs: dict[str, object]) -> Fidelity:
             fid.both_bars += 1
             ref_tokens = bar["events"]
             fid.identical_tokens += tokens == ref_tokens
+            if tokens[TEMPO_TOKEN] != ref_tokens[TEMPO_TOKEN]:
+                tempo_differs[int(bar["j"])] = VOCAB.id(ref_tokens[TEMPO_TOKEN]) - VOCAB.tempo_range[0]
             same_notes = tokens[:TEMPO_TOKEN] + tokens[TEMPO_TOKEN + 1 :] == ref_tokens[:TEMPO_TOKEN] + ref_tokens[TEMPO_TOKEN + 1 :]
             fid.identical_notes += same_notes
             if not same_notes:
@@ -190,6 +243,8 @@ def compare(reference: dict[str, dict], songs: dict[str, object]) -> Fidelity:
             rl = ref_labels(bar)
             for name in LABELS:
                 fid.label_agree[name] = fid.label_agree.get(name, 0) + labels_agree(name, labels[name], rl[name])
+        if tempo_differs:
+            fid.tempo_classes.update(tempo_classes(data / path, tempo_differs).values())
     return fid
 
 
@@ -250,7 +305,7 @@ def measure(data: Path, reference_path: Path, shards: Path | None = None, limit:
         if shards is None:
             shards = preprocess_reference_files(data, sorted(reference), Path(tmp) / "shards", workers)
         songs = read_our_songs(shards)
-    fid = compare(reference, songs)
+    fid = compare(reference, songs, data)
     fid.chord_truth = chord_truth(data, reference, songs)
     return fid
 
@@ -268,6 +323,8 @@ def report(fid: Fidelity) -> str:
     lines += [f"  fewer notes: {p}: {a} here, {b} reference" for p, a, b in fid.fewer_notes[:20]]
     lines.append(f"bars whose notes differ: {fid.both_bars - fid.identical_notes}")
     lines += [f"  {n:6d}  {name}" for name, n in fid.classes.most_common()]
+    lines.append(f"bars whose tempo token differs: {sum(fid.tempo_classes.values())}")
+    lines += [f"  {n:6d}  {name}" for name, n in fid.tempo_classes.most_common()]
     for who, (h, n) in sorted(fid.chord_truth.items()):
         lines.append(f"MMA true chord among the bar's chord labels, {who}: {h}/{n} ({h / max(n, 1):.2%})")
     ours_ct, ref_ct = fid.chord_truth.get("ours", (0, 1)), fid.chord_truth.get("reference", (0, 1))

@@ -92,7 +92,7 @@ class ParsedMidi:
     instrument: np.ndarray  # int64, (program, channel, track) numbered in order of first closed note
     pedal_group: np.ndarray  # int64, track * 16 + channel
     pedals: dict[int, tuple[np.ndarray, np.ndarray]]  # pedal_group -> CC 64 (ticks, values) in file order
-    tempos: list[tuple[int, float]]  # (tick, BPM) of every set_tempo event, every track, file order
+    tempos: list[tuple[int, float, int]]  # (tick, BPM, track) of every set_tempo event, every track, file order
     time_signatures: list[tuple[int, int, int]]  # (numerator, denominator, tick)
     unclosed: int = 0  # note-ons never closed (dropped)
 
@@ -208,7 +208,7 @@ def read_events(midi: mido.MidiFile) -> ParsedMidi:
                 if msg.control == PEDAL_CC:
                     pedals[track_index * 16 + msg.channel].append((tick, msg.value))
             elif kind == "set_tempo":
-                tempos.append((tick, 6e7 / msg.tempo))
+                tempos.append((tick, 6e7 / msg.tempo, track_index))
             elif kind == "time_signature":
                 signatures.append((msg.numerator, msg.denominator, tick))
         unclosed += sum(map(len, open_notes.values()))
@@ -260,10 +260,10 @@ def apply_pedal(start: np.ndarray, end: np.ndarray, on: np.ndarray, off: np.ndar
     return np.where(overlaps, np.maximum(end, off[kc]), end)
 
 
-def tempo_map(tempos: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+def tempo_map(tempos: list[tuple[int, float, int]]) -> tuple[np.ndarray, np.ndarray]:
     """``(ticks, BPM)`` of the tempo changes (module docstring: tick 0's last event, repeats ignored)."""
     ticks, bpms = [0], [DEFAULT_BPM]
-    for tick, bpm in sorted(tempos, key=lambda e: e[0]):
+    for tick, bpm, _ in sorted(tempos, key=lambda e: e[0]):
         if tick == 0:
             bpms[0] = bpm
         elif bpm != bpms[-1]:
