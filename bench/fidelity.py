@@ -89,7 +89,7 @@ class Fidelity:
     ref_notes: int = 0
     ours_notes: int = 0
     fewer_notes: list = field(default_factory=list)  # (path, ours, ref)
-    chord_truth: dict = field(default_factory=dict)  # who -> (hits, bars)
+    chord_truth: dict = field(default_factory=dict)  # (who, kind) -> (hits, bars), see chord_truth()
 
     def share(self, n: int) -> float:
         return n / self.both_bars if self.both_bars else float("nan")
@@ -264,28 +264,35 @@ def parse_mma_chord(name: str) -> str:
     return chord_name(chord_index(_ROOTS[m[1]], quality))
 
 
-def chord_truth(data: Path, reference: dict[str, dict], songs: dict[str, object]) -> dict[str, tuple[int, int]]:
-    """Per side, (bars whose chord labels hold the true chord, bars with a true chord) on the MMA songs."""
+def chord_truth(data: Path, reference: dict[str, dict], songs: dict[str, object]) -> dict[tuple[str, str], tuple[int, int]]:
+    """MMA songs: per side and bar kind, (bars whose chord labels hold the true chord, bars).
+
+    Kinds: ``all`` bars with a true chord, and ``changes``, the bars whose true chord differs
+    from the previous bar's (where a chord segment should start).
+    """
     labels_csv = data / MMA_FOLDER / "labels.csv"
     if not labels_csv.is_file():
         return {}
     with open(labels_csv, newline="") as f:
         truth = {f"{MMA_FOLDER}/{row['file']}": [parse_mma_chord(c) for c in row["chords"].split("|")] for row in csv.DictReader(f)}
-    hits = {"ours": [0, 0], "reference": [0, 0]}
+    hits: Counter = Counter()
+
+    def count(who: str, chords: list[str], j: int, found: bool) -> None:
+        kinds = ("all", "changes") if j == 0 or chords[j - 1] != chords[j] else ("all",)
+        for kind in kinds:
+            hits[who, kind, "hit"] += found
+            hits[who, kind, "bars"] += 1
+
     for path, chords in truth.items():
         for bar in (reference.get(path) or {}).get("bars") or []:
-            j = int(bar["j"])
-            if j < len(chords):
-                hits["reference"][0] += chords[j] in bar["chord"]
-                hits["reference"][1] += 1
+            if int(bar["j"]) < len(chords):
+                count("reference", chords, int(bar["j"]), chords[int(bar["j"])] in bar["chord"])
         song = songs.get(path)
-        if song is None:
-            continue
-        for k, j in enumerate(song.bar_index):
+        for k, j in enumerate(song.bar_index if song is not None else ()):
             if j < len(chords):
-                hits["ours"][0] += bool(song.chords[k, chord_index(*_split_name(chords[j]))])
-                hits["ours"][1] += 1
-    return {who: (h, n) for who, (h, n) in hits.items()}
+                count("ours", chords, int(j), bool(song.chords[k, chord_index(*_split_name(chords[j]))]))
+    return {(who, kind): (hits[who, kind, "hit"], hits[who, kind, "bars"])
+            for who in ("ours", "reference") for kind in ("all", "changes")}
 
 
 def _split_name(name: str) -> tuple[int, str]:
@@ -325,9 +332,10 @@ def report(fid: Fidelity) -> str:
     lines += [f"  {n:6d}  {name}" for name, n in fid.classes.most_common()]
     lines.append(f"bars whose tempo token differs: {sum(fid.tempo_classes.values())}")
     lines += [f"  {n:6d}  {name}" for name, n in fid.tempo_classes.most_common()]
-    for who, (h, n) in sorted(fid.chord_truth.items()):
-        lines.append(f"MMA true chord among the bar's chord labels, {who}: {h}/{n} ({h / max(n, 1):.2%})")
-    ours_ct, ref_ct = fid.chord_truth.get("ours", (0, 1)), fid.chord_truth.get("reference", (0, 1))
+    for (who, kind), (h, n) in sorted(fid.chord_truth.items(), key=lambda x: (x[0][1], x[0][0])):
+        what = "bars" if kind == "all" else "bars where the chord changes"
+        lines.append(f"MMA true chord among the bar's chord labels, {what}, {who}: {h}/{n} ({h / max(n, 1):.2%})")
+    ours_ct, ref_ct = fid.chord_truth.get(("ours", "all"), (0, 1)), fid.chord_truth.get(("reference", "all"), (0, 1))
     lines.append(
         f"RESULT both_bars={fid.both_bars} identical_tokens={fid.share(fid.identical_tokens):.4f} "
         f"identical_notes={fid.share(fid.identical_notes):.4f} "
