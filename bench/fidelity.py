@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from musicbert.probes import iter_split_songs  # noqa: E402
-from musicbert.shards import CHORD_QUALITIES, PITCH_CLASSES, SPLITS, chord_index, chord_name  # noqa: E402
+from musicbert.shards import PITCH_CLASSES, SPLITS, chord_index, chord_name  # noqa: E402
 from musicbert.vocab import POSITIONS_PER_BAR, TEMPO_BINS, VOCAB  # noqa: E402
 from preprocess.midi import nearest_bin, note_table, read_midi, tempo_map  # noqa: E402
 from preprocess.run import Options, preprocess_corpus  # noqa: E402
@@ -260,7 +260,6 @@ def parse_mma_chord(name: str) -> str:
     if not m:
         raise ValueError(f"unknown chord {name!r} in labels.csv")
     quality = {"": "maj", "m": "min", "7": "dom7", "m7": "min7", "maj7": "maj7"}[m[2]]
-    assert quality in CHORD_QUALITIES
     return chord_name(chord_index(_ROOTS[m[1]], quality))
 
 
