@@ -35,7 +35,7 @@ import numpy as np
 from musicbert.vocab import VOCAB
 
 FORMAT_NAME = "musicbert-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"

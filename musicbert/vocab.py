@@ -36,7 +36,7 @@ DURATION_BINS = np.array(
     dtype=np.int64,
 )
 
-#: General MIDI program names, program 0..127.
+#: General MIDI program names, program 0..127, spelt as the reference (pretty_midi) spells them.
 GM_PROGRAM_NAMES: tuple[str, ...] = (
     "Acoustic Grand Piano", "Bright Acoustic Piano", "Electric Grand Piano", "Honky-tonk Piano",
     "Electric Piano 1", "Electric Piano 2", "Harpsichord", "Clavinet",
@@ -64,9 +64,9 @@ GM_PROGRAM_NAMES: tuple[str, ...] = (
     "Pad 1 (new age)", "Pad 2 (warm)", "Pad 3 (polysynth)", "Pad 4 (choir)",
     "Pad 5 (bowed)", "Pad 6 (metallic)", "Pad 7 (halo)", "Pad 8 (sweep)",
     "FX 1 (rain)", "FX 2 (soundtrack)", "FX 3 (crystal)", "FX 4 (atmosphere)",
-    "FX 5 (brightness)", "FX 6 (goblin)", "FX 7 (echoes)", "FX 8 (sci-fi)",
+    "FX 5 (brightness)", "FX 6 (goblins)", "FX 7 (echoes)", "FX 8 (sci-fi)",
     "Sitar", "Banjo", "Shamisen", "Koto",
-    "Kalimba", "Bag pipe", "Fiddle", "Shanai",
+    "Kalimba", "Bagpipe", "Fiddle", "Shanai",
     "Tinkle Bell", "Agogo", "Steel Drums", "Woodblock",
     "Taiko Drum", "Melodic Tom", "Synth Drum", "Reverse Cymbal",
     "Guitar Fret Noise", "Breath Noise", "Seashore", "Bird Tweet",

@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import miditoolkit
 import numpy as np
 
 from musicbert.shards import Song
 from preprocess.errors import MidiRejected
 from preprocess.labels import bar_labels
-from preprocess.midi import Limits, check_4_4, note_table, read_midi
+from preprocess.midi import Limits, ParsedMidi, check_4_4, note_table, read_midi
 from preprocess.remi import encode_notes
 
 
@@ -24,11 +23,11 @@ def song_id(rel_path: str) -> str:
     return hashlib.sha256(rel_path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def song_from_midifile(midi: miditoolkit.MidiFile, rel_path: str, limits: Limits = Limits(),
+def song_from_midifile(midi: ParsedMidi, rel_path: str, limits: Limits = Limits(),
                        chords: bool = True) -> Song:
-    """Encode an already parsed file (tests build these in memory)."""
-    if not any(inst.notes for inst in midi.instruments):
-        raise MidiRejected("no_notes", f"no notes in {len(midi.instruments)} instruments")
+    """Encode an already read file (``preprocess.midi.parse_midi_bytes`` of bytes built in memory, in tests)."""
+    if midi.n_notes == 0:
+        raise MidiRejected("no_notes", f"no notes ({midi.unclosed} note-ons never closed)")
     check_4_4(midi)
     table = note_table(midi, limits)
     remi = encode_notes(table, limits)

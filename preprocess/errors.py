@@ -13,7 +13,7 @@ REASONS: dict[str, str] = {
     "not_midi": "no MThd header at the start of the file",
     "too_large": "file size or note count above the configured limit (bounded memory)",
     "too_long": "the song spans more bars than the limit (often one stray event far after the music)",
-    "unreadable": "miditoolkit/mido could not parse the file (truncated, corrupt, bad meta event, ...)",
+    "unreadable": "mido could not parse the file (truncated, corrupt, bad meta event, ...)",
     "bad_timing": "ticks per beat is zero or SMPTE time division (no musical beat grid)",
     "not_4_4": "a time-signature event other than 4/4 (a file without any counts as 4/4)",
     "no_notes": "the file has no notes",

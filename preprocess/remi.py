@@ -6,8 +6,10 @@ One bar (4/4, 48 grid positions) is::
     Position_<p> Instrument_<name> Pitch_<n>|Pitch_Drum_<n> Velocity_<v> Duration_<d>   (per note)
     <eob>
 
-Notes are sorted by (onset, drums before pitched instruments, program, pitch), then by
-duration and velocity bin so that the order is total. A note belongs to the bar of its
+Notes are sorted by (onset, drums before pitched instruments, program, pitch); exact ties
+keep the reference's order: by raw onset tick, then by the reader's instrument number and
+closing order (:mod:`preprocess.midi`), which is the order in which the reference's stable
+sorts leave them. A note belongs to the bar of its
 snapped onset. The song's bars run from the bar of its first note to the bar of its last
 note (empty bars at the start and end are dropped; ``bar_index`` counts from the first).
 A bar whose tokens before ``<eob>`` exceed 511 is cut to 511 (the last note may be cut
@@ -81,7 +83,7 @@ def encode_notes(table: NoteTable, limits: Limits = Limits(), min_bar_tokens: in
     drum = table.program == DRUM_PROGRAM
     vel_bin = nearest_bin(table.velocity, VELOCITY_BINS)
     dur_bin = nearest_bin(table.duration, DURATION_BINS)
-    order = np.lexsort((vel_bin, dur_bin, table.pitch, table.program, ~drum, table.onset))
+    order = np.lexsort((table.instrument, table.start_tick, table.pitch, table.program, ~drum, table.onset))
     onset = table.onset[order]
     abs_bar = onset // POSITIONS_PER_BAR
     first_bar = int(abs_bar[0])

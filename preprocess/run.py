@@ -90,9 +90,8 @@ def find_midi_files(src: str | Path) -> list[str]:
 def encode_file(src: str, limits: Limits, chords: bool, rel: str) -> tuple:
     """Worker task: one file -> ``(sample, n_bars, n_tokens, n_notes)`` (raises MidiRejected)."""
     midi = read_midi(os.path.join(src, rel), limits)
-    n_notes = sum(len(inst.notes) for inst in midi.instruments)
     song = song_from_midifile(midi, rel, limits, chords=chords)
-    return song.to_sample(), song.n_bars, len(song.tokens), n_notes
+    return song.to_sample(), song.n_bars, len(song.tokens), midi.n_notes
 
 
 def preprocess_corpus(

@@ -95,7 +95,7 @@ def test_quantisation_snaps_onsets_down_and_keeps_durations():
         (0, 480, 60, 98),  # pos 0, 12 steps
         (39, 519, 64, 100),  # 39 ticks -> pos 0 (down), end moves with it: 12 steps
         (41, 81, 62, 1),  # pos 1, 1 step
-        (479, 539, 65, 127),  # pos 11, 60 ticks = 1.5 steps -> 2 (half up)
+        (479, 539, 65, 127),  # pos 11, 60 ticks = 1.5 steps -> 2 (halves to even)
         (1000, 1059, 67, 80),  # pos 25, 59 ticks = 1.475 steps -> 1
         (1919, 3839, 72, 64),  # pos 47 (last of the bar), 48 steps
     ]
@@ -128,16 +128,16 @@ def test_quantisation_with_ticks_per_beat_not_a_multiple_of_12():
     )
 
 
-def test_sustain_pedal_extends_note_ends_inside_a_span():
+def test_sustain_pedal_extends_notes_to_the_end_of_the_last_span_they_overlap():
     # spans: down at 0 (100) .. up at 960 (63); down at 1440 (64 counts as down) .. up at 2400 (0)
     pedal = [(0, 100), (960, 63), (1440, 64), (2400, 0)]
     notes = [
         (0, 240, 60, 98),  # ends in span 1 -> 960: 24 steps -> Duration_17
         (480, 1200, 61, 98),  # ends after span 1, before span 2: unchanged 18 steps -> Duration_14
-        (1200, 1440, 62, 98),  # ends exactly when the pedal goes down: unchanged, 6 steps -> Duration_5
+        (1200, 1440, 62, 98),  # ends exactly when the pedal goes down: overlaps span 2 -> 2400: 30 steps -> Duration_18
         (1300, 1500, 63, 98),  # ends in span 2 -> 2400: 27.5 -> 28 steps -> 30 -> Duration_18
-        (1500, 1600, 64, 98),  # -> 2400: 22.5 -> 23 steps -> 24 -> Duration_17
-        (1700, 3000, 65, 98),  # ends after span 2: unchanged, 32.5 -> 33 steps (30/36 tie) -> Duration_18
+        (1500, 1600, 64, 98),  # -> 2400: 22.5 -> 22 steps (halves to even) -> 21 -> Duration_15
+        (1700, 3000, 65, 98),  # ends after span 2: unchanged, 32.5 -> 32 steps -> 30 -> Duration_18
     ]
     # the same notes on another instrument without pedal are not extended
     song = encode(make_midi([(PIANO, notes, pedal), (BASS, [(s, e, p - 24, v) for s, e, p, v in notes])]))
@@ -147,18 +147,16 @@ def test_sustain_pedal_extends_note_ends_inside_a_span():
         durations[(toks[i + 1], int(toks[i + 2].split("_")[-1]))] = toks[i + 4]
     piano = [durations[(NAME[PIANO], p)] for p in range(60, 66)]
     bass = [durations[(NAME[BASS], p)] for p in range(36, 42)]
-    assert piano == ["Duration_17", "Duration_14", "Duration_5", "Duration_18", "Duration_17", "Duration_18"]
-    assert bass == ["Duration_5", "Duration_14", "Duration_5", "Duration_4", "Duration_2", "Duration_18"]  # 2.5 steps -> 3
+    assert piano == ["Duration_17", "Duration_14", "Duration_18", "Duration_18", "Duration_15", "Duration_18"]
+    assert bass == ["Duration_5", "Duration_14", "Duration_5", "Duration_4", "Duration_1", "Duration_18"]  # 2.5 steps -> 2
 
 
-def test_pedal_never_released_ends_at_the_instruments_last_note_end():
+def test_pedal_never_released_is_ignored():
     notes = [(i * 40, i * 40 + 40, 60 + i, 98) for i in range(5)] + [(400, 4 * 480, 70, 98)]
     song = encode(make_midi([(PIANO, notes, [(0, 127)])]))
     toks = tokens_of(song, 0)
-    # every note now ends at tick 1920 (48 steps from 0): note i lasts 48 - i steps
     durs = [toks[i + 4] for i in range(3, len(toks) - 1, 5)]
-    expected = [f"Duration_{int(nearest_bin(np.array([48 - i]), DURATION_BINS)[0])}" for i in range(5)]
-    assert durs == expected + ["Duration_19"]  # starts at step 10, ends at the span end 1920: 38 steps -> 36
+    assert durs == ["Duration_0"] * 5 + ["Duration_19"]  # 1 step each; the last 38 steps -> 36
 
 
 def test_drums_come_first_then_program_then_pitch():
