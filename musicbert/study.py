@@ -9,7 +9,8 @@ training config every model starts from, the settings all models share (shards, 
 seeds, ``common`` training overrides), one entry per model with what makes it that model
 (``models.BERT-dropout: {objective: {mode: BERT-dropout}, model: {dropout: 0.1}}``) and the
 evaluation settings. Dotted overrides on the command line change the study file
-(``steps=100``, ``seeds=[0,1,2]``, ``eval.repeats=3``, ``common.train.lr=3e-4``).
+(``steps=100``, ``seeds=[0,1,2]``, ``eval.repeats=3``, ``common.train.lr=3e-4``;
+``models.BERT-aug=null`` leaves a model out).
 
 What it does, in the folder ``out`` (STUDY)::
 
@@ -222,7 +223,10 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     """Read and validate a study file; ``config`` becomes absolute (relative to the file), and
     ``out`` and ``shards`` too (relative to the working directory), so jobs can run anywhere."""
     path = Path(path)
-    study = build_section(StudyConfig, read_config_file(path, overrides))
+    data = read_config_file(path, overrides)
+    if isinstance(data.get("models"), dict):  # a model set to null is left out (models.BERT-aug=null)
+        data["models"] = {name: o for name, o in data["models"].items() if o is not None}
+    study = build_section(StudyConfig, data)
     config = Path(study.config)
     study.config = str(config if config.is_absolute() else (path.parent / config).resolve())
     study.out = str(Path(study.out).resolve())

@@ -59,6 +59,11 @@ def test_study_files_declare_four_models_trained_alike(name, tmp_path, monkeypat
         assert same == {k: v for k, v in first.items() if k not in ("run_dir", "objective")} | {"model": {**first["model"], "dropout": 0}}
 
 
+def test_a_model_set_to_null_is_left_out():
+    study = load_study(REPO / "configs" / "study.yaml", ["models.BERT-aug=null", "models.Mine.objective.mode=BERT"])
+    assert list(study.models) == ["BERT", "BERT-neighbor", "BERT-dropout", "Mine"]
+
+
 @pytest.mark.parametrize("override, message", [
     (["models.BERT.train.max_steps=5"], "models.BERT.train.max_steps: set by the study"),
     (["common.data.seed=1"], "common.data.seed: set by the study"),
@@ -136,11 +141,10 @@ def test_comparison_refuses_metric_without_direction():
 
 
 def tiny_study(tmp_path: Path, shards: Path, models: list[str], steps: int, **extra: str) -> Path:
-    """A study file with tiny models (2 layers, dim 32) based on configs/study_demo.yaml."""
+    """A study file with tiny models (2 layers, dim 32) from configs/demo.yaml."""
     model_lines = "\n".join(f"  {m}: {{objective: {{mode: {MODES[m]}}}{', model: {dropout: 0.1}' if m == 'BERT-dropout' else ''}}}"
                             for m in models)
     text = f"""
-base: {REPO / 'configs' / 'study_demo.yaml'}
 config: {REPO / 'configs' / 'demo.yaml'}
 out: {tmp_path / 'study'}
 shards: {shards}
@@ -152,7 +156,7 @@ common:
   train: {{warmup_steps: 3, log_every: 1, val_every: 1000, val_batches: 2, ckpt_every: 5}}
 models:
 {model_lines}
-eval: {{repeats: 2, train_bars: 3, test_bars: 5, max_songs: 8}}
+eval: {{repeats: 2, train_bars: 3, test_bars: 5, max_songs: 8, device: cpu, threads: 1}}
 """ + "".join(f"{k}: {v}\n" for k, v in extra.items())
     path = tmp_path / "study.yaml"
     path.write_text(text)
@@ -171,6 +175,32 @@ def run_study(config: Path, *args: str, timeout: float = 300) -> subprocess.Comp
                        env=study_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything it started, as a crash of the machine would stop them."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -193,7 +223,7 @@ def test_local_study_killed_midway_resumes_without_redoing(tmp_path, example_sha
 
         _wait(midway, 240, "the first model trained and the second's first checkpoint", lambda: log1.read_text()[-3000:])
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the study, torchrun, its ranks and their data workers
+        kill_tree(proc.pid)  # the study, torchrun, its ranks (in sessions of their own) and their data workers
         proc.wait()
     assert not (second / "checkpoints" / "step_00000040.pt").exists(), "the second model finished before the kill: make it longer"
     assert not (out / "results.json").exists()
