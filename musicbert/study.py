@@ -304,7 +304,9 @@ def train_local(study: StudyConfig, runs: list[Run]) -> None:
         with logfile.open("a") as sink:
             sink.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
             sink.flush()
-            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+            # A session of its own: Ctrl-C reaches the study only, which turns it into the
+            # SIGTERM after which train_ddp.py checkpoints (a SIGINT would not checkpoint).
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = proc.wait()
             except (Interrupted, KeyboardInterrupt):
