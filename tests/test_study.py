@@ -265,6 +265,40 @@ def test_local_study_killed_midway_resumes_without_redoing(tmp_path, example_sha
 # ----------------------------------------------------------------------------- SLURM
 
 
+def test_slurm_submission_with_a_fake_sbatch(tmp_path, example_shards, monkeypatch, capsys):
+    """Without SLURM: launch.sh per run not yet trained, then the evaluation job after them."""
+    from musicbert import study as study_module
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" "--END--" >>"$FAKE_LOG"\n'
+                    'n=$(grep -c -- --END-- "$FAKE_LOG"); echo "$((100 + n))"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.log"))
+    config = tiny_study(tmp_path, example_shards, list(MODES), steps=4)
+    done = tmp_path / "study" / "runs" / "BERT-aug-seed0" / "checkpoints" / "step_00000004.pt"
+    done.parent.mkdir(parents=True)
+    done.write_bytes(b"")  # BERT-aug counts as trained: no job for it
+    assert study_module.main(["--config", str(config), "--slurm", "slurm.gpus_per_node=0", "slurm.sbatch=[--partition=p1]"]) == 0
+    printed = capsys.readouterr().out
+    calls = [c.split("\n")[:-1] for c in (tmp_path / "calls.log").read_text().split("--END--\n") if c]
+    assert len(calls) == 4
+    for call, model, job in zip(calls, ("BERT", "BERT-neighbor", "BERT-dropout"), (101, 102, 103)):
+        run = tmp_path / "study" / "runs" / f"{model}-seed0"
+        assert call[-2:] == [str(tmp_path / "study" / "configs" / f"{model}-seed0.yaml"), f"run_dir={run}"]
+        assert "--gres=none" in call and "--partition=p1" in call and "--parsable" in call
+        assert f"{model}-seed0: job {job} -> {run}" in printed
+    assert "BERT-aug-seed0: already trained" in printed and "evaluation: job 104 after jobs 101, 102, 103" in printed
+    evaluation = calls[3]
+    assert "--dependency=afterok:101:102:103" in evaluation and "--kill-on-invalid-dep=yes" in evaluation
+    assert "--gres=gpu:1" in evaluation and "--partition=p1" in evaluation
+    wrap = next(a for a in evaluation if a.startswith("--wrap="))
+    assert wrap.endswith(f"-m musicbert.study --config {tmp_path / 'study' / 'study.yaml'} --evaluate-only")
+
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_study_submits_four_trainings_and_an_evaluation_after_them(slurm: Slurm, tmp_path, example_shards):  # noqa: F811
