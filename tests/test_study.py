@@ -72,6 +72,7 @@ def test_a_model_set_to_null_is_left_out():
     (["eval.options.no_such_option=1"], "eval.options.no_such_option is not an option"),
     (["stepz=3"], "unknown key stepz"),
     (["seeds=[1, 1]"], "seeds ([1, 1])"),
+    (["seeds=[1, x]"], "seeds[1]: expected int"),
     (["models={}"], "at least one model"),
 ])
 def test_bad_study_is_refused_naming_the_key(override, message):
