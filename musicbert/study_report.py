@@ -173,7 +173,7 @@ def plot_study(agg: dict, path: str | Path, title: str | None = None) -> None:
     names = agg["metrics"]
     ncols = min(4, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.8 * nrows + 0.8), squeeze=False)
     trained = [m for m, info in agg["models"].items() if not info["random_init"]]
     for ax, metric in zip(axes.flat, names):
         for model, info in agg["models"].items():
@@ -187,15 +187,14 @@ def plot_study(agg: dict, path: str | Path, title: str | None = None) -> None:
                 style = dict(color=f"C{trained.index(model)}", linestyle="-", marker="o", markersize=4)
             ax.plot(layers, mean, label=model, **style)
             ax.fill_between(layers, mean - std, mean + std, color=style["color"], alpha=0.12, linewidth=0)
-        winner = agg["best"][metric]["winner"]
-        ax.set_title(f"{metric}  ({direction_label(agg['better'][metric])})", fontsize=10)
+        best = agg["best"][metric]
+        winner = f"\nbest: {best['winner']} (layer {best['models'][best['winner']]['layer']})" if best["winner"] else ""
+        ax.set_title(f"{metric}  ({direction_label(agg['better'][metric])}){winner}", fontsize=10)
         ax.set_xlabel("layer")
         ax.set_ylabel(METRIC_KIND.get(metric, "value"))
         all_layers = sorted({int(l) for info in agg["models"].values() for l in info["layers"]})
         ax.set_xticks(all_layers)
         ax.grid(True, alpha=0.35)
-        if winner:
-            ax.text(0.02, 0.02, f"best: {winner}", transform=ax.transAxes, fontsize=8, color="0.3")
     spare = list(axes.flat)[len(names):]
     for ax in spare:
         ax.axis("off")
@@ -206,7 +205,8 @@ def plot_study(agg: dict, path: str | Path, title: str | None = None) -> None:
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     if title is None:
         seeds = next((info["seeds"] for info in agg["models"].values() if info["seeds"]), None) or []
-        title = f"Probing each layer: {len(trained)} models, {len(seeds) or 1} seed(s); band = ± std over repeats × seeds"
+        title = (f"Probing each layer: {len(trained)} trained models{' and random-init' if len(trained) < len(agg['models']) else ''}, "
+                 f"{len(seeds) or 1} seed(s); band = ± std over repeats × seeds")
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0 if spare else 0.06, 1, 1))
     fig.savefig(path, dpi=110)
