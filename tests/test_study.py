@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from musicbert.study_report import aggregate, markdown_table, plot_study
 from test_launch import Slurm, _wait, slurm  # noqa: F401  (slurm: the local SLURM fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = {"BERT": "BERT", "BERT-aug": "BERT-aug", "BERT-neighbor": "BERT-neighbor", "BERT-dropout": "BERT-dropout"}
+MODES = ("BERT", "BERT-aug", "BERT-neighbor", "BERT-dropout")  # the study files name each model after its mode
 
 
 # ----------------------------------------------------------------------------- the study file
@@ -48,7 +47,7 @@ def test_study_files_declare_four_models_trained_alike(name, tmp_path, monkeypat
     cfgs = {r.name: training_config(study, r) for r in runs}
     for run in runs:
         cfg = cfgs[run.name]
-        assert cfg["objective"]["mode"] == MODES[run.model]
+        assert cfg["objective"]["mode"] == run.model
         assert cfg["train"]["seed"] == cfg["data"]["seed"] == run.seed
         assert cfg["train"]["max_steps"] == study.steps and cfg["data"]["shards"] == study.shards
         assert cfg["run_dir"] == str(tmp_path / study.out / "runs" / run.name)
@@ -143,7 +142,7 @@ def test_comparison_refuses_metric_without_direction():
 
 def tiny_study(tmp_path: Path, shards: Path, models: list[str], steps: int, **extra: str) -> Path:
     """A study file with tiny models (2 layers, dim 32) from configs/demo.yaml."""
-    model_lines = "\n".join(f"  {m}: {{objective: {{mode: {MODES[m]}}}{', model: {dropout: 0.1}' if m == 'BERT-dropout' else ''}}}"
+    model_lines = "\n".join(f"  {m}: {{objective: {{mode: {m}}}{', model: {dropout: 0.1}' if m == 'BERT-dropout' else ''}}}"
                             for m in models)
     text = f"""
 config: {REPO / 'configs' / 'demo.yaml'}
