@@ -1,12 +1,14 @@
-# Two entry points: `make demo` (preprocess -> train -> evaluate on the bundled songs)
-# and `make test`. Both start with `make install`, which is a no-op once done.
+# Entry points: `make demo` (preprocess -> train -> evaluate on the bundled songs),
+# `make study` (the four objectives compared on the bundled songs) and `make test`.
+# All start with `make install`, which is a no-op once done.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
+STUDY  := runs/study-demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo study test bench clean
 
 install: $(STAMP)
 
@@ -22,6 +24,12 @@ $(STAMP): pyproject.toml
 demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh $(DEMO)
 
+# The shards are made once (preprocessing is deterministic); the study resumes what is done.
+study: install
+	test -f $(STUDY)/shards/manifest.json || $(PY) -m preprocess --src examples/midi --out $(STUDY)/shards \
+		--workers 2 --shard-size 2 --overwrite
+	$(PY) -m musicbert.study --config configs/study_demo.yaml out=$(STUDY) shards=$(STUDY)/shards
+
 test: install
 	$(PY) -m pytest -q tests
 
@@ -32,4 +40,4 @@ bench: install
 	$(PY) bench/train.py
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) $(STUDY) .pytest_cache

@@ -191,6 +191,11 @@ class Config:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a field annotation, converting only int -> float and lists -> tuples."""
     origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -284,6 +289,19 @@ def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, data, "")
     cfg.validate()
     return cfg
+
+
+def read_config_file(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The mapping of a YAML file (its ``base:`` chain merged in) with ``overrides`` applied, unvalidated."""
+    return apply_overrides(_read_yaml(Path(path)), list(overrides))
+
+
+def build_section(cls: type, data: dict, prefix: str = "") -> Any:
+    """Any config dataclass from a mapping, with :class:`Config`'s checks (unknown keys, types),
+    then its own ``validate()``: for files other than training configs (e.g. a study's)."""
+    section = _build(cls, data, prefix)
+    section.validate()
+    return section
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
