@@ -82,6 +82,30 @@ def test_one_and_two_workers_give_identical_folders(example_shards, tmp_path):
     assert tree_bytes(tmp_path / "w1") == tree_bytes(example_shards)  # example_shards ran with 2 workers
 
 
+def _first_file_waits_for_the_last(src: str, flag: str, first: str, last: str, rel: str) -> tuple:
+    """Test task: the first file finishes only after the last one has, so every other result arrives early."""
+    if rel == first:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(flag):
+            assert time.monotonic() < deadline, "the last file never finished: the pool did not run past the first"
+            time.sleep(0.01)
+    result = encode_file(src, Limits(), True, rel)
+    if rel == last:
+        Path(flag).touch()
+    return result
+
+
+@pytest.mark.slow
+def test_results_finishing_out_of_order_give_the_same_folder(example_shards, tmp_path):
+    files = find_midi_files(EXAMPLES_MIDI)
+    task = functools.partial(_first_file_waits_for_the_last, str(EXAMPLES_MIDI), str(tmp_path / "flag"), files[0], files[-1])
+    opts = dict(EXAMPLE_SHARDS_OPTIONS, workers=3)
+    summary = preprocess_corpus(EXAMPLES_MIDI, tmp_path / "w3", Options(**opts), task=task)
+    assert summary.spilled > 0  # results 1.. waited for result 0, some of them on disk
+    assert tree_bytes(tmp_path / "w3") == tree_bytes(example_shards)  # example_shards: 2 workers, in order
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "w3"]  # no spill folder left
+
+
 def test_split_is_a_function_of_id_and_seed():
     ids = [song_id(f"x/{i}.mid") for i in range(4000)]
     splits = [assign_split(i, 7, (0.8, 0.1, 0.1)) for i in ids]
