@@ -217,21 +217,24 @@ class TaskPool:
     def imap_unordered(self, tasks: Iterable[tuple]) -> Iterator[tuple[int, Result]]:
         """Yield ``(index, result)`` for every task (an args tuple for ``fn``) as it finishes."""
         todo = enumerate(tasks)
+
+        def give_work(free: list[_Worker]) -> None:
+            for w in free:
+                nxt = next(todo, None)
+                if nxt is None:
+                    return
+                self._send(w, *nxt)
+
         if not self.workers:
             self.workers = [self._start_worker() for _ in range(self.n)]
-        free = list(self.workers)
         try:
+            give_work(self.workers)
             while True:
-                for w in free:  # new work first, then hand on what finished
-                    nxt = next(todo, None)
-                    if nxt is None:
-                        break
-                    self._send(w, *nxt)
                 busy = [w for w in self.workers if w.task is not None]
                 if not busy:
                     return
                 done = self._finished(busy)
-                free = [w for w, _, _ in done]
+                give_work([w for w, _, _ in done])  # before the consumer takes its time with the results
                 for _, index, result in done:
                     yield index, result
         finally:
