@@ -31,8 +31,9 @@ from musicbert.vocab import VOCAB
 T = TypeVar("T")
 
 #: A row's subset-sum chooses among the oldest units of the pool that add up to this many
-#: rows' worth of tokens (and the row's due pieces): so a row costs the same however many
-#: rows a batch has, and a row of 1024 is nearly always filled exactly.
+#: rows' worth of tokens: so a row costs the same however many rows a batch has (and its
+#: pool), and rows still fill to ~99% -- a little better than choosing among the whole
+#: pool, which lets young units jump ahead and more old ones fall due (bench/packing.py).
 LOOKAHEAD_ROWS = 4
 
 
