@@ -2,11 +2,13 @@
 
 A *unit* is what must land in one batch: a masked anchor bar and, in the contrastive modes,
 its positive view. :class:`Packer` keeps a window (pool) of units and makes each batch by
-filling each row as full as possible with an exact subset-sum over the pool's units (see
-:meth:`Packer._place`); a unit that does not fit waits in the pool for a later batch. Units
-that have waited ``max_age`` batches go first, so none waits for ever. With a pool of a few
-batches' worth of bars this fills about 99% of the positions (bars are 30..512 tokens,
-rows 1024).
+filling each row as full as possible with an exact subset-sum over the pool's oldest units
+(see :meth:`Packer._place`); a unit that does not fit waits in the pool for a later batch.
+Units that have waited ``max_age`` batches go first, so none waits for ever. With a pool of
+a few batches' worth of bars this fills about 99% of the positions (bars are 30..512
+tokens, rows 1024). A row looks at no more than :data:`LOOKAHEAD_ROWS` rows' worth of
+units, however large the pool, so packing costs the same per token at 12 rows per batch
+as at 96 (``bench/packing.py``).
 
 Everything here is deterministic: the same units added in the same order give the same
 batches, which is what makes the training stream exactly resumable.
@@ -15,14 +17,24 @@ batches, which is what makes the training stream exactly resumable.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from musicbert.batch import Batch
 from musicbert.vocab import VOCAB
+
+T = TypeVar("T")
+
+#: A row's subset-sum chooses among the oldest units of the pool that add up to this many
+#: rows' worth of tokens: so a row costs the same however many rows a batch has (and its
+#: pool), and rows still fill to ~99% -- a little better than choosing among the whole
+#: pool, which lets young units jump ahead and more old ones fall due (bench/packing.py).
+LOOKAHEAD_ROWS = 4
 
 
 @dataclass
@@ -58,15 +70,21 @@ def _best_fit(free: np.ndarray, n: int) -> int:
     return r if free[r] >= n else -1
 
 
-def _subset_sum(sizes: list[int], cap: int) -> list[int]:
-    """Indices of a subset of ``sizes`` with the largest sum <= ``cap``; earlier items preferred."""
-    if cap <= 0 or not sizes:
+def subset_sum(items: Iterable[T], cap: int, size: Callable[[T], int] = int) -> list[T]:
+    """A subset of ``items`` whose ``size`` sum is the largest <= ``cap``; earlier items preferred.
+
+    ``items`` is read lazily and only until some prefix of it fills ``cap`` exactly, so a
+    long iterable costs only the items needed. The chosen items come last-first.
+    """
+    if cap <= 0:
         return []
     mask = (1 << (cap + 1)) - 1
-    reach = [1]  # reach[i]: bit t set <=> some subset of sizes[:i] sums to t
+    seen: list[T] = []
+    reach = [1]  # reach[i]: bit t set <=> some subset of the first i items sums to t
     r = 1
-    for s in sizes:
-        r = (r | (r << s)) & mask
+    for item in items:
+        seen.append(item)
+        r = (r | (r << size(item))) & mask
         reach.append(r)
         if (r >> cap) & 1:
             break
@@ -76,8 +94,8 @@ def _subset_sum(sizes: list[int], cap: int) -> list[int]:
         if t == 0:
             break
         if not (reach[i] >> t) & 1:  # t needs item i
-            chosen.append(i)
-            t -= sizes[i]
+            chosen.append(seen[i])
+            t -= size(seen[i])
     return chosen
 
 
@@ -133,10 +151,10 @@ class Packer:
         1. Rows are filled one by one, each as full as possible: first with the pieces that
            are due (those of units that have waited ``max_age`` batches or are longer than a
            row, then partners of pieces in earlier rows), then with an exact subset-sum (a
-           bitset dynamic programme) over the pieces of the units not yet placed, older
-           units preferred among equally good fills. A piece chosen without its partner
-           makes the partner due; in the last row a piece goes alone only if its partner
-           fits into another row's gap.
+           bitset dynamic programme) over the pieces of the oldest units not yet placed
+           (:data:`LOOKAHEAD_ROWS` rows' worth), older units preferred among equally good
+           fills. A piece chosen without its partner makes the partner due; in the last row
+           a piece goes alone only if its partner fits into another row's gap.
         2. A due piece that finds no room takes its unit out again; remaining gaps take any
            unit whose pieces fit into them (best fit, largest first).
         """
@@ -178,7 +196,32 @@ class Packer:
         by_size = sorted(range(len(pool)), key=lambda i: (-pool[i].size, i))
         by_age = sorted(range(len(pool)), key=lambda i: (-pool[i].age, i))
         # Pieces that must go in: those of old (oldest first) or oversized units, then partners of placed pieces.
-        due = [(i, k) for i in by_age if pool[i].age >= self.max_age or pool[i].size > L for k in range(len(sizes(i)))]
+        is_due = [u.age >= self.max_age or u.size > L for u in pool]
+        due = [(i, k) for i in by_age if is_due[i] for k in range(len(sizes(i)))]
+        # The units a row's subset-sum may choose from, oldest first; placed ones are dropped as rows fill.
+        candidates = [i for i in by_age if not is_due[i]]
+        lookahead = LOOKAHEAD_ROWS * L
+
+        def offers(cap: int, last: bool, room_elsewhere: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+            """``(position in candidates, size, pieces)`` of what may go into a row with ``cap`` free tokens."""
+            seen = 0
+            for pos, i in enumerate(candidates):
+                if seen >= lookahead:
+                    return
+                if n_in[i]:  # placed, or placed in part with its other piece due
+                    continue
+                seen += pool[i].size
+                n = piece_sizes[i]
+                if len(n) == 1:
+                    if n[0] <= cap:
+                        yield pos, n[0], [(i, 0)]
+                    continue
+                if last and n[0] + n[1] <= cap:
+                    yield pos, n[0] + n[1], [(i, 0), (i, 1)]
+                for k in (0, 1):
+                    if n[k] <= cap and (not last or n[1 - k] <= room_elsewhere):
+                        yield pos, n[k], [(i, k)]
+
         for r in range(R):
             later = []
             for i, k in due:
@@ -187,33 +230,20 @@ class Packer:
                 else:
                     later.append((i, k))
             due = later
-            due_units = {i for i, _ in due}
             last = r == R - 1
             # In the last row, a piece goes alone only if its partner fits into another row's gap.
             room_elsewhere = int(np.delete(free, r).max()) if last and R > 1 else L
-            cap = int(free[r])
-            items: list[tuple[int, list[tuple[int, int]]]] = []
-            for i in by_age:
-                n = piece_sizes[i]
-                if n[0] > cap and (len(n) == 1 or n[1] > cap):
-                    continue
-                if n_in[i] or i in due_units:
-                    continue
-                if len(n) == 1:
-                    items.append((n[0], [(i, 0)]))
-                    continue
-                if last:
-                    items.append((n[0] + n[1], [(i, 0), (i, 1)]))
-                items += [(n[k], [(i, k)]) for k in (0, 1) if not last or n[1 - k] <= room_elsewhere]
-            items = [it for it in items if it[0] <= cap]
-            chosen = [items[j] for j in _subset_sum([n for n, _ in items], cap)]
-            for _, pieces in chosen:
+            chosen = subset_sum(offers(int(free[r]), last, room_elsewhere), int(free[r]), size=itemgetter(1))
+            for _, _, pieces in chosen:
                 for i, k in pieces:
                     put(i, k, r)
-            for _, pieces in chosen:
+            for _, _, pieces in chosen:
                 for i, k in pieces:
                     if len(sizes(i)) == 2 and (i, 1 - k) not in row_of:
                         due.append((i, 1 - k))
+            # Placed units leave the candidates (all of them lie before the last chosen one).
+            end = max((pos + 1 for pos, _, _ in chosen), default=0)
+            candidates[:end] = [i for i in candidates[:end] if not n_in[i]]
         for i, k in due:
             r = _best_fit(free, sizes(i)[k])
             if r >= 0:
@@ -224,11 +254,12 @@ class Packer:
         for i, k in [key for key in row_of if len(sizes(key[0])) == 2 and n_in[key[0]] == 1]:
             take_out(i, k)
         smallest = min((piece_sizes[i][0] for i in range(len(pool)) if not n_in[i]), default=L + 1)
+        gap = int(free.max())
         for i in by_size:
-            if free.max() < smallest:
+            if gap < smallest:
                 break
-            if not n_in[i]:
-                fit_unit(i)
+            if not n_in[i] and max(sizes(i)) <= gap and fit_unit(i):  # a piece larger than every gap cannot fit
+                gap = int(free.max())
         placed = [(i, r, row_of.get((i, 1))) for (i, k), r in row_of.items() if k == 0]
         if not placed and pool:
             # Only possible when one unit is larger than the whole batch (a single row shorter

@@ -1,4 +1,4 @@
-"""A small process pool that survives its workers: per-task deadline, crash recovery, ordered results.
+"""A small process pool that survives its workers: per-task deadline, crash recovery, no idle workers.
 
 ``concurrent.futures.ProcessPoolExecutor`` breaks as a whole when one worker dies
 (``BrokenProcessPool``) and cannot stop a task that runs too long. Here every worker is a
@@ -14,11 +14,14 @@
 * each worker may get an address-space limit (``memory_mb``) so that a huge file raises
   ``MemoryError`` in that worker instead of exhausting the machine.
 
-:meth:`TaskPool.map` yields ``(index, result)`` in task order whatever order the workers
-finish in; at most ``window`` tasks are dispatched beyond the oldest unfinished one, so
-the results waiting to be yielded take bounded memory.
+A worker gets the next task as soon as it is free, whatever the others are doing: a slow
+file (up to its time limit) holds up one worker, never the pool.
+:meth:`TaskPool.imap_unordered` yields ``(index, result)`` as tasks finish;
+:meth:`TaskPool.map` yields them in task order through :class:`~preprocess.reorder.InOrder`,
+which keeps at most ``buffer`` results in memory and parks those further ahead in files
+under ``spill_dir`` until their turn. Tasks are read from the iterable only as workers
+become free.
 """
-
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -26,12 +29,14 @@ import os
 import signal
 import time
 import traceback
-from collections import deque
+from contextlib import closing
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from preprocess.errors import MidiRejected
+from preprocess.reorder import InOrder
 
 Result = tuple  # ("ok", payload) | ("rejected", reason, message)
 
@@ -100,21 +105,29 @@ class _Worker:
 
 
 class TaskPool:
-    """``workers`` processes running ``fn(*args)``; see the module docstring."""
+    """``workers`` processes running ``fn(*args)``; see the module docstring.
+
+    ``buffer`` (default ``4 * workers``) bounds the results :meth:`map` holds in memory
+    while it waits for an earlier one; ``spill_dir`` is where it parks the others (default:
+    the system's temporary folder).
+    """
 
     def __init__(self, fn: Callable[..., Any], workers: int, timeout: float | None = None,
-                 memory_mb: int | None = None, window: int | None = None) -> None:
+                 memory_mb: int | None = None, buffer: int | None = None,
+                 spill_dir: str | Path | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.fn = fn
         self.n = workers
         self.timeout = timeout
         self.memory_mb = memory_mb
-        self.window = window if window is not None else max(64, 16 * workers)
+        self.buffer = buffer if buffer is not None else 4 * workers
+        self.spill_dir = spill_dir
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self.ctx = mp.get_context(method)
         self.workers: list[_Worker] = []
         self.restarts = 0
+        self.spilled = 0  # results map() parked in a file while an earlier one was running
 
     # -- workers --------------------------------------------------------------------
     def _start_worker(self) -> _Worker:
@@ -132,6 +145,54 @@ class TaskPool:
             w.conn.close()
         except OSError:
             pass
+
+    def _replace(self, w: _Worker) -> _Worker:
+        self._stop_worker(w, kill=True)
+        self.workers.remove(w)
+        new = self._start_worker()
+        self.workers.append(new)
+        self.restarts += 1
+        return new
+
+    def _send(self, w: _Worker, index: int, args: tuple) -> None:
+        w.task = (index, args)
+        w.deadline = time.monotonic() + self.timeout if self.timeout else float("inf")
+        try:
+            w.conn.send((index, args))
+        except OSError:
+            pass  # a dead worker: found by _finished through its sentinel
+
+    def _finished(self, busy: list[_Worker]) -> list[tuple[_Worker, int, Result]]:
+        """Wait until at least one busy worker is done (result, crash or deadline): ``(worker, index, result)``.
+
+        The worker returned is free for the next task: the same one, or its replacement.
+        """
+        wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+        ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=min(wait_s, 3600.0)))
+        now = time.monotonic()
+        done = []
+        for w in busy:
+            index, _ = w.task
+            if w.conn in ready or w.proc.sentinel in ready:
+                try:
+                    got = w.conn.recv() if w.conn.poll() else None
+                except (EOFError, OSError):
+                    got = None
+                if got is not None:
+                    w.task = None
+                    done.append((w, got[0], got[1]))
+                    continue
+                if not w.proc.is_alive() or w.proc.sentinel in ready:
+                    w.proc.join(timeout=5)
+                    code = w.proc.exitcode
+                    how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                    w.task = None
+                    done.append((self._replace(w), index, ("rejected", "worker_crashed", f"the worker process died ({how})")))
+                    continue
+            if now >= w.deadline:
+                w.task = None
+                done.append((self._replace(w), index, ("rejected", "timeout", f"took longer than the {self.timeout:g} s limit; worker killed")))
+        return done
 
     def close(self) -> None:
         for w in self.workers:
@@ -152,81 +213,30 @@ class TaskPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- the loop -------------------------------------------------------------------
-    def map(self, tasks: Iterable[tuple]) -> Iterator[tuple[int, Result]]:
-        """Yield ``(index, result)`` for every task (an args tuple for ``fn``), in task order."""
-        todo = iter(enumerate(tasks))
-        exhausted = False
-        done: dict[int, Result] = {}
-        next_out = 0
-        n_sent = 0
-        idle: deque[_Worker] = deque()
+    # -- the loops ------------------------------------------------------------------
+    def imap_unordered(self, tasks: Iterable[tuple]) -> Iterator[tuple[int, Result]]:
+        """Yield ``(index, result)`` for every task (an args tuple for ``fn``) as it finishes."""
+        todo = enumerate(tasks)
+
+        def give_work(free: list[_Worker]) -> None:
+            for w in free:
+                nxt = next(todo, None)
+                if nxt is None:
+                    return
+                self._send(w, *nxt)
+
         if not self.workers:
             self.workers = [self._start_worker() for _ in range(self.n)]
-        idle.extend(self.workers)
-
-        def replace(w: _Worker) -> None:
-            self._stop_worker(w, kill=True)
-            self.workers.remove(w)
-            nw = self._start_worker()
-            self.workers.append(nw)
-            idle.append(nw)
-            self.restarts += 1
-
         try:
+            give_work(self.workers)
             while True:
-                # dispatch
-                while idle and not exhausted and n_sent < next_out + self.window:
-                    try:
-                        index, args = next(todo)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    w = idle.popleft()
-                    w.task = (index, args)
-                    w.deadline = time.monotonic() + self.timeout if self.timeout else float("inf")
-                    try:
-                        w.conn.send((index, args))
-                    except OSError:
-                        pass  # a dead worker: found below through its sentinel
-                    n_sent += 1
                 busy = [w for w in self.workers if w.task is not None]
-                while next_out in done:
-                    yield next_out, done.pop(next_out)
-                    next_out += 1
                 if not busy:
-                    if exhausted:
-                        return
-                    continue
-                now = time.monotonic()
-                wait_s = max(0.0, min(w.deadline for w in busy) - now)
-                handles = [w.conn for w in busy] + [w.proc.sentinel for w in busy]
-                ready = set(wait(handles, timeout=min(wait_s, 3600.0)))
-                now = time.monotonic()
-                for w in busy:
-                    index, _ = w.task
-                    if w.conn in ready or w.proc.sentinel in ready:
-                        try:
-                            got = w.conn.recv() if w.conn.poll() else None
-                        except (EOFError, OSError):
-                            got = None
-                        if got is not None:
-                            done[got[0]] = got[1]
-                            w.task = None
-                            idle.append(w)
-                            continue
-                        if not w.proc.is_alive() or w.proc.sentinel in ready:
-                            w.proc.join(timeout=5)
-                            code = w.proc.exitcode
-                            how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-                            done[index] = ("rejected", "worker_crashed", f"the worker process died ({how})")
-                            w.task = None
-                            replace(w)
-                            continue
-                    if now >= w.deadline:
-                        done[index] = ("rejected", "timeout", f"took longer than the {self.timeout:g} s limit; worker killed")
-                        w.task = None
-                        replace(w)
+                    return
+                done = self._finished(busy)
+                give_work([w for w, _, _ in done])  # before the consumer takes its time with the results
+                for _, index, result in done:
+                    yield index, result
         finally:
             # leave no worker running a task we no longer wait for (e.g. the consumer stopped)
             for w in list(self.workers):
@@ -234,6 +244,17 @@ class TaskPool:
                     w.task = None
                     self._stop_worker(w, kill=True)
                     self.workers.remove(w)
+
+    def map(self, tasks: Iterable[tuple]) -> Iterator[tuple[int, Result]]:
+        """Yield ``(index, result)`` for every task, in task order (see :class:`~preprocess.reorder.InOrder`)."""
+        finished = self.imap_unordered(tasks)
+        with closing(finished), InOrder(self.buffer, self.spill_dir) as ordered:
+            try:
+                for index, result in finished:
+                    ordered.put(index, result)
+                    yield from ordered.ready()
+            finally:
+                self.spilled += ordered.spilled
 
 
 def run_in_process(fn: Callable[..., Any], tasks: Iterable[tuple]) -> Iterator[tuple[int, Result]]:

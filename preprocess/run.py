@@ -68,6 +68,7 @@ class Summary:
     rejected: dict = field(default_factory=dict)  # reason -> count
     seconds: float = 0.0
     worker_restarts: int = 0
+    spilled: int = 0  # results parked on disk because an earlier file was still running
 
     @property
     def songs(self) -> int:
@@ -104,7 +105,7 @@ def preprocess_corpus(
 ) -> Summary:
     """Encode every MIDI file under ``src`` into the shard folder ``out``.
 
-    ``task`` (tests only) replaces the per-file work: a picklable callable taking the
+    ``task`` (tests and benchmarks) replaces the per-file work: a picklable callable taking the
     relative path and returning what :func:`encode_file` returns.
     Raises :class:`preprocess.shards.OutputExists` before any work if ``out`` is not empty
     and ``overwrite`` is false, ``FileNotFoundError`` if ``src`` has no MIDI files.
@@ -133,7 +134,8 @@ def preprocess_corpus(
         if options.workers <= 0:
             results = run_in_process(fn, tasks)
         else:
-            pool = TaskPool(fn, options.workers, timeout=options.timeout, memory_mb=options.memory_mb)
+            # Results that finish ahead of a slow file wait in the output's temporary folder (same disk).
+            pool = TaskPool(fn, options.workers, timeout=options.timeout, memory_mb=options.memory_mb, spill_dir=outdir.tmp)
             results = pool.map(tasks)
         if progress:
             from tqdm import tqdm
@@ -156,6 +158,7 @@ def preprocess_corpus(
                 bar.update(1)
         if pool is not None:
             summary.worker_restarts = pool.restarts
+            summary.spilled = pool.spilled
             pool.close()
             pool = None
         summary.splits = {name: w.close() for name, w in writers.items()}

@@ -75,11 +75,28 @@ def test_example_shards_cover_every_file(example_shards):
     assert [manifest.splits[k].songs for k in ("train", "val", "test")] == [24, 3, 3]
 
 
+def _first_file_waits_for_the_last(src: str, flag: str, first: str, last: str, rel: str) -> tuple:
+    """Test task: the first file finishes only after the last one has, so every other result arrives early."""
+    if rel == first:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(flag):
+            assert time.monotonic() < deadline, "the last file never finished: the pool did not run past the first"
+            time.sleep(0.01)
+    result = encode_file(src, Limits(), True, rel)
+    if rel == last:
+        Path(flag).touch()
+    return result
+
+
 @pytest.mark.slow
-def test_one_and_two_workers_give_identical_folders(example_shards, tmp_path):
-    opts = dict(EXAMPLE_SHARDS_OPTIONS, workers=1)
-    preprocess_corpus(EXAMPLES_MIDI, tmp_path / "w1", Options(**opts))
-    assert tree_bytes(tmp_path / "w1") == tree_bytes(example_shards)  # example_shards ran with 2 workers
+def test_one_and_two_workers_give_identical_folders_whatever_order_files_finish_in(example_shards, tmp_path):
+    preprocess_corpus(EXAMPLES_MIDI, tmp_path / "w1", Options(**dict(EXAMPLE_SHARDS_OPTIONS, workers=1)))
+    files = find_midi_files(EXAMPLES_MIDI)
+    task = functools.partial(_first_file_waits_for_the_last, str(EXAMPLES_MIDI), str(tmp_path / "flag"), files[0], files[-1])
+    summary = preprocess_corpus(EXAMPLES_MIDI, tmp_path / "w2", Options(**dict(EXAMPLE_SHARDS_OPTIONS, workers=2)), task=task)
+    assert summary.spilled > 0  # files 1.. finished before file 0, some waited on disk
+    assert tree_bytes(tmp_path / "w1") == tree_bytes(tmp_path / "w2") == tree_bytes(example_shards)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "w1", "w2"]  # no spill folder left
 
 
 def test_split_is_a_function_of_id_and_seed():
