@@ -198,6 +198,18 @@ def test_progression_is_segmented_with_exact_boundaries():
     assert labels[5].sum() == 0  # Cmaj7 continues: no new segment starts in bar 5
 
 
+def test_a_beat_that_fits_both_chords_stays_with_the_chord_before_it():
+    """A lone note on the last beat of a bar that belongs to both the bar's chord and the next
+    (the G that ends a bar of C before a bar of G, a walking bass's approach) scores the same
+    whichever chord takes it; it is kept with the chord before it, so the next chord starts on
+    the bar line (the reference starts it a beat early, in the previous bar)."""
+    song = Notes().chord(0, "maj", 0, 3).note(43, 3, 1).chord(7, "maj", 4, 4)
+    assert song.segments() == [(0, 4, 0, "maj"), (4, 8, 7, "maj")]
+    s, e, p, v, d = song.arrays()
+    labels = song_chord_labels(s, e, p, v, d, T, n_bars=2)
+    assert np.flatnonzero(labels[1]).tolist() == [chord_index(7, "maj")]
+
+
 def test_equal_neighbours_are_merged():
     # C major in three voicings over three bars, plus a beat where only the root and third sound
     song = Notes().chord(0, "maj", 0, 4).chord(0, "maj", 4, 4, bass=4).chord(0, "maj", 8, 4, bass=7)
@@ -314,7 +326,7 @@ def _plain_recognise(chroma, lowest):
     n = len(chroma)
     best = [0.0] + [-np.inf] * n
     choice = [None] * (n + 1)
-    for s in range(n):  # push form, windows of 1..4 beats cut at the end, strict improvement
+    for s in range(n):  # push form, windows of 1..4 beats cut at the end, ties to the latest start
         seen = set()
         for w in (1, 2, 3, 4):
             e = min(s + w, n)
@@ -322,7 +334,7 @@ def _plain_recognise(chroma, lowest):
                 continue
             seen.add(e)
             sc, r, q = _plain_window(chroma[s:e], lowest[s:e])
-            if best[s] + sc > best[e]:
+            if best[s] + sc >= best[e]:
                 best[e] = best[s] + sc
                 choice[e] = (s, r, q)
     path, e = [], n
