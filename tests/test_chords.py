@@ -407,10 +407,11 @@ def _parse_label(name: str) -> int:
 def test_agreement_with_labelled_mma_songs(shared_data):
     """MMA accompaniments (drums, bass, comping with humanised timing) with their chord per bar.
 
-    Measured when written (133 4/4 files, 4115 bars): the chord sounding on the bar's
-    downbeat agrees with the label in 67.8% of bars, and where the label changes from the
-    previous bar the labelled chord is among the bar's chord labels in 87.4% of bars
-    (the rest: passing tones, e.g. a lingering sixth turning E:maj into C#:min7 for a beat).
+    Measured when written (133 4/4 files, 4115 bars, raw ticks from miditoolkit): the chord
+    sounding on the bar's downbeat agrees with the label in 68.3% of bars, and where the label
+    changes from the previous bar the labelled chord is among the bar's chord labels in 90.1%
+    of bars (87.4% before ties in the segmentation went to the chord before an ambiguous beat;
+    the rest: passing tones, e.g. a lingering sixth turning E:maj into C#:min7 for a beat).
     """
     miditoolkit = pytest.importorskip("miditoolkit")
     folder = shared_data / "labelled_mma_generated_seed1"
@@ -442,5 +443,5 @@ def test_agreement_with_labelled_mma_songs(shared_data):
     elapsed = time.perf_counter() - t0
     assert n_bars > 3000
     assert downbeat / n_bars >= 0.62, f"downbeat agreement {downbeat / n_bars:.3f}"
-    assert changes / n_changes >= 0.82, f"chord changes labelled {changes / n_changes:.3f}"
+    assert changes / n_changes >= 0.88, f"chord changes labelled {changes / n_changes:.3f}"
     assert elapsed < 20
