@@ -32,14 +32,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from musicbert.shards import PITCH_CLASSES, chord_index  # noqa: E402
+from musicbert.shards import PITCH_CLASS_OF_NAME, chord_index  # noqa: E402
 from musicbert.vocab import POSITIONS_PER_BEAT  # noqa: E402
 from preprocess.chords import ChordSegment, beat_chroma, recognise_chords  # noqa: E402
-from preprocess.midi import note_table, read_midi, tempo_map  # noqa: E402
+from preprocess.midi import ParsedMidi, note_table, read_midi, tempo_map  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "labelled_pop909_dev_001-150"
-_ROOTS = {name: i for i, name in enumerate(PITCH_CLASSES)}
-_ROOTS.update({"Db": 1, "Eb": 3, "Gb": 6, "Ab": 8, "Bb": 10, "Cb": 11})
 _QUALITIES = {"maj": "maj", "min": "min", "dim": "dim", "aug": "aug", "7": "dom7", "maj7": "maj7", "min7": "min7"}
 
 
@@ -49,9 +47,9 @@ def annotated_chord(label: str) -> int | None:
         return None
     root, _, quality = label.partition(":")
     quality = quality.split("/")[0]
-    if root not in _ROOTS or quality not in _QUALITIES:
+    if root not in PITCH_CLASS_OF_NAME or quality not in _QUALITIES:
         return None
-    return chord_index(_ROOTS[root], _QUALITIES[quality])
+    return chord_index(PITCH_CLASS_OF_NAME[root], _QUALITIES[quality])
 
 
 @dataclass
@@ -64,7 +62,7 @@ class Counts:
     change_bars_found: int = 0
 
 
-def seconds_of_beats(midi, beats: np.ndarray) -> np.ndarray:
+def seconds_of_beats(midi: ParsedMidi, beats: np.ndarray) -> np.ndarray:
     """Times in seconds of (fractional) quarter-note beats, from the file's tempo map."""
     ticks, bpm = tempo_map(midi.tempos)
     tpb = midi.ticks_per_beat
@@ -74,17 +72,17 @@ def seconds_of_beats(midi, beats: np.ndarray) -> np.ndarray:
     return at[i] + (t - ticks[i]) / tpb * 60.0 / bpm[i]
 
 
-def song_segments(path: Path) -> tuple[object, int, list[ChordSegment]]:
+def song_segments(path: Path) -> tuple[ParsedMidi, int, list[ChordSegment]]:
     """The parsed file, its number of beats and its recognised chords."""
     midi = read_midi(path)
     table = note_table(midi)
-    g = POSITIONS_PER_BEAT
-    chroma = beat_chroma(table.onset, table.onset + table.duration, table.pitch, table.velocity, g,
-                         is_drum=table.is_drum)
+    chroma = beat_chroma(table.onset, table.onset + table.duration, table.pitch, table.velocity,
+                         POSITIONS_PER_BEAT, is_drum=table.is_drum)
     return midi, len(chroma.chroma), recognise_chords(chroma)
 
 
 def measure_song(mid: Path, counts: Counts) -> None:
+    """Add one song's beats and bars to ``counts``."""
     stem = mid.with_suffix("")
     spans = [line.split("\t") for line in Path(f"{stem}_chord_midi.txt").read_text().splitlines() if line.strip()]
     starts = np.array([float(a) for a, _, _ in spans])

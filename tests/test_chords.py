@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from musicbert.shards import CHORD_QUALITIES, N_CHORDS, chord_index
+from musicbert.shards import CHORD_QUALITIES, N_CHORDS, PITCH_CLASS_OF_NAME, chord_index
 from preprocess.chords import (
     _RULES,
     NO_LOWEST,
@@ -31,8 +31,6 @@ INTERVALS = {
     "maj7": (0, 4, 7, 11),
     "min7": (0, 3, 7, 10),
 }
-ROOTS = {"C": 0, "C#": 1, "Db": 1, "D": 2, "D#": 3, "Eb": 3, "E": 4, "F": 5, "F#": 6, "Gb": 6,
-         "G": 7, "G#": 8, "Ab": 8, "A": 9, "A#": 10, "Bb": 10, "B": 11, "Cb": 11}  # fmt: skip
 
 
 class Notes:
@@ -401,7 +399,7 @@ def _parse_label(name: str) -> int:
     m = re.fullmatch(r"([A-G][b#]?)(m7|maj7|m|7|)", name)
     assert m, name
     quality = {"": "maj", "m": "min", "7": "dom7", "m7": "min7", "maj7": "maj7"}[m[2]]
-    return chord_index(ROOTS[m[1]], quality)
+    return chord_index(PITCH_CLASS_OF_NAME[m[1]], quality)
 
 
 def test_agreement_with_labelled_mma_songs(shared_data):
