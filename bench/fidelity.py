@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from musicbert.probes import iter_split_songs  # noqa: E402
-from musicbert.shards import PITCH_CLASSES, SPLITS, chord_index, chord_name  # noqa: E402
+from musicbert.shards import PITCH_CLASS_OF_NAME, PITCH_CLASSES, SPLITS, chord_index, chord_name  # noqa: E402
 from musicbert.vocab import POSITIONS_PER_BAR, TEMPO_BINS, VOCAB  # noqa: E402
 from preprocess.midi import nearest_bin, note_table, read_midi, tempo_map  # noqa: E402
 from preprocess.run import Options, preprocess_corpus  # noqa: E402
@@ -250,9 +250,6 @@ def compare(reference: dict[str, dict], songs: dict[str, object], data: Path) ->
 
 # ------------------------------------------------------------------ true chords of the MMA songs
 
-_ROOTS = {name: i for i, name in enumerate(PITCH_CLASSES)}
-_ROOTS.update({"Db": 1, "Eb": 3, "Gb": 6, "Ab": 8, "Bb": 10, "Cb": 11, "Fb": 4, "E#": 5, "B#": 0})
-
 
 def parse_mma_chord(name: str) -> str:
     """``labels.csv`` chord (``Dbm``, ``Ab7``, ``Cmaj7``, ``Ebm7``, ``G``) as ``ROOT:quality``."""
@@ -260,7 +257,7 @@ def parse_mma_chord(name: str) -> str:
     if not m:
         raise ValueError(f"unknown chord {name!r} in labels.csv")
     quality = {"": "maj", "m": "min", "7": "dom7", "m7": "min7", "maj7": "maj7"}[m[2]]
-    return chord_name(chord_index(_ROOTS[m[1]], quality))
+    return chord_name(chord_index(PITCH_CLASS_OF_NAME[m[1]], quality))
 
 
 def chord_truth(data: Path, reference: dict[str, dict], songs: dict[str, object]) -> dict[tuple[str, str], tuple[int, int]]:

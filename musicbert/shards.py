@@ -44,6 +44,11 @@ N_INSTRUMENTS = 129
 N_CHORDS = 84
 CHORD_QUALITIES = ("maj", "min", "dim", "aug", "dom7", "maj7", "min7")
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+#: Pitch class of a note name in any spelling chord annotations use (``Db``, ``E#``, ``Cb``...).
+PITCH_CLASS_OF_NAME = {
+    **{name: i for i, name in enumerate(PITCH_CLASSES)},
+    "Db": 1, "Eb": 3, "Gb": 6, "Ab": 8, "Bb": 10, "Cb": 11, "Fb": 4, "E#": 5, "B#": 0,
+}  # fmt: skip
 
 # member -> (dtype, trailing shape after n_bars); tokens and offsets are checked apart.
 _LABELS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from musicbert.shards import CHORD_QUALITIES, N_CHORDS, chord_index
+from musicbert.shards import CHORD_QUALITIES, N_CHORDS, PITCH_CLASS_OF_NAME, chord_index
 from preprocess.chords import (
     _RULES,
     NO_LOWEST,
@@ -31,8 +31,6 @@ INTERVALS = {
     "maj7": (0, 4, 7, 11),
     "min7": (0, 3, 7, 10),
 }
-ROOTS = {"C": 0, "C#": 1, "Db": 1, "D": 2, "D#": 3, "Eb": 3, "E": 4, "F": 5, "F#": 6, "Gb": 6,
-         "G": 7, "G#": 8, "Ab": 8, "A": 9, "A#": 10, "Bb": 10, "B": 11, "Cb": 11}  # fmt: skip
 
 
 class Notes:
@@ -198,6 +196,18 @@ def test_progression_is_segmented_with_exact_boundaries():
     assert labels[5].sum() == 0  # Cmaj7 continues: no new segment starts in bar 5
 
 
+def test_a_beat_that_fits_both_chords_stays_with_the_chord_before_it():
+    """A lone note on the last beat of a bar that belongs to both the bar's chord and the next
+    (the G that ends a bar of C before a bar of G, a walking bass's approach) scores the same
+    whichever chord takes it; it is kept with the chord before it, so the next chord starts on
+    the bar line (the reference starts it a beat early, in the previous bar)."""
+    song = Notes().chord(0, "maj", 0, 3).note(43, 3, 1).chord(7, "maj", 4, 4)
+    assert song.segments() == [(0, 4, 0, "maj"), (4, 8, 7, "maj")]
+    s, e, p, v, d = song.arrays()
+    labels = song_chord_labels(s, e, p, v, d, T, n_bars=2)
+    assert np.flatnonzero(labels[1]).tolist() == [chord_index(7, "maj")]
+
+
 def test_equal_neighbours_are_merged():
     # C major in three voicings over three bars, plus a beat where only the root and third sound
     song = Notes().chord(0, "maj", 0, 4).chord(0, "maj", 4, 4, bass=4).chord(0, "maj", 8, 4, bass=7)
@@ -314,7 +324,7 @@ def _plain_recognise(chroma, lowest):
     n = len(chroma)
     best = [0.0] + [-np.inf] * n
     choice = [None] * (n + 1)
-    for s in range(n):  # push form, windows of 1..4 beats cut at the end, strict improvement
+    for s in range(n):  # push form, windows of 1..4 beats cut at the end, ties to the latest start
         seen = set()
         for w in (1, 2, 3, 4):
             e = min(s + w, n)
@@ -322,7 +332,7 @@ def _plain_recognise(chroma, lowest):
                 continue
             seen.add(e)
             sc, r, q = _plain_window(chroma[s:e], lowest[s:e])
-            if best[s] + sc > best[e]:
+            if best[s] + sc >= best[e]:
                 best[e] = best[s] + sc
                 choice[e] = (s, r, q)
     path, e = [], n
@@ -389,16 +399,17 @@ def _parse_label(name: str) -> int:
     m = re.fullmatch(r"([A-G][b#]?)(m7|maj7|m|7|)", name)
     assert m, name
     quality = {"": "maj", "m": "min", "7": "dom7", "m7": "min7", "maj7": "maj7"}[m[2]]
-    return chord_index(ROOTS[m[1]], quality)
+    return chord_index(PITCH_CLASS_OF_NAME[m[1]], quality)
 
 
 def test_agreement_with_labelled_mma_songs(shared_data):
     """MMA accompaniments (drums, bass, comping with humanised timing) with their chord per bar.
 
-    Measured when written (133 4/4 files, 4115 bars): the chord sounding on the bar's
-    downbeat agrees with the label in 67.8% of bars, and where the label changes from the
-    previous bar the labelled chord is among the bar's chord labels in 87.4% of bars
-    (the rest: passing tones, e.g. a lingering sixth turning E:maj into C#:min7 for a beat).
+    Measured when written (133 4/4 files, 4115 bars, raw ticks from miditoolkit): the chord
+    sounding on the bar's downbeat agrees with the label in 68.3% of bars, and where the label
+    changes from the previous bar the labelled chord is among the bar's chord labels in 90.1%
+    of bars (87.4% before ties in the segmentation went to the chord before an ambiguous beat;
+    the rest: passing tones, e.g. a lingering sixth turning E:maj into C#:min7 for a beat).
     """
     miditoolkit = pytest.importorskip("miditoolkit")
     folder = shared_data / "labelled_mma_generated_seed1"
@@ -430,5 +441,5 @@ def test_agreement_with_labelled_mma_songs(shared_data):
     elapsed = time.perf_counter() - t0
     assert n_bars > 3000
     assert downbeat / n_bars >= 0.62, f"downbeat agreement {downbeat / n_bars:.3f}"
-    assert changes / n_changes >= 0.82, f"chord changes labelled {changes / n_changes:.3f}"
+    assert changes / n_changes >= 0.88, f"chord changes labelled {changes / n_changes:.3f}"
     assert elapsed < 20

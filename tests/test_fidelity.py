@@ -57,14 +57,11 @@ def test_labels_agree_with_the_reference(fidelity):
 
 @pytest.mark.slow
 def test_true_chords_of_the_mma_songs(fidelity):
-    """Where the chord changes (a segment should start), the true chord is labelled at least as
-    often as by the reference. Over all bars the reference is ahead by about 0.2 points (6 of
-    3,995 bars on the full set): on bars that hold the previous bar's chord its chords restart
-    when the bass note changes (a defect this project fixes, preprocess/chords.py), which
-    sometimes labels the held chord again."""
+    """The bar's chord labels hold the true chord at least as often as the reference's, over all
+    bars and on the bars where the chord changes (3,650 against 3,562 of 3,995 bars, and 3,595
+    against 3,506 of 3,690, when written)."""
     bench, fid = fidelity
-    (ours, n), (ref, n_ref) = fid.chord_truth["ours", "changes"], fid.chord_truth["reference", "changes"]
-    assert n == n_ref > 500
-    assert ours >= ref, bench.report(fid)
-    (ours, n), (ref, _) = fid.chord_truth["ours", "all"], fid.chord_truth["reference", "all"]
-    assert ours / n >= ref / n - 0.003, bench.report(fid)
+    for kind in ("all", "changes"):
+        (ours, n), (ref, n_ref) = fid.chord_truth["ours", kind], fid.chord_truth["reference", kind]
+        assert n == n_ref > 500
+        assert ours >= ref, bench.report(fid)
