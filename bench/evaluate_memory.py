@@ -1,7 +1,7 @@
 """Evaluation memory at two corpus sizes 8x apart, and the projection to Lakh MIDI at BERT-base size.
 
     python bench/evaluate_memory.py                    # ~5 min on 2 busy cores
-    python bench/evaluate_memory.py --songs 1000 --factor 8 --timing-bars 10000
+    python bench/evaluate_memory.py --songs 300 --factor 8 --batch-tokens 4096 --timing-bars 10000
 
 1. **Memory.** Writes two synthetic shard folders (``tests/synthetic_shards.py``; train
    ``--songs`` and ``--songs x --factor`` songs, test an eighth of that, as Lakh's 80/10/10
@@ -92,19 +92,24 @@ def child(args: argparse.Namespace) -> None:
     probes.score_layer = timed(probes.score_layer, "probes_cpu_s")
     started = time.perf_counter()
     metrics = evaluate.evaluate(args.run, args.shards, None, layers="all", repeats=args.repeats, device="cpu",
-                                clusters=args.clusters, seed=0, work_dir=args.shards.parent)
+                                clusters=args.clusters, seed=0, batch_tokens=args.batch_tokens, work_dir=args.shards.parent)
     s = metrics["settings"]
     print(json.dumps({"peak_mib": peak_rss_mib(), "wall_s": time.perf_counter() - started, **timings,
                       "train_bars": s["train_bars"], "test_bars": s["test_bars"], "layers": len(s["layers"])}))
 
 
-def measure(run: Path, shards: Path, repeats: int, clusters: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--run", str(run), "--shards", str(shards), "--repeats", str(repeats),
-           "--clusters", str(clusters)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+def start_evaluation(run: Path, shards: Path, args: argparse.Namespace) -> subprocess.Popen:
+    """A fresh process (so that its peak RSS is this evaluation's alone) running :func:`child`."""
+    cmd = [sys.executable, __file__, "--child", "--run", str(run), "--shards", str(shards), "--repeats", str(args.repeats),
+           "--clusters", str(args.clusters), "--batch-tokens", str(args.batch_tokens)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def finish_evaluation(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        sys.exit(f"evaluation failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        sys.exit(f"evaluation failed ({' '.join(proc.args)}):\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def probe_seconds_per_layer(n_train: int, dim: int) -> float:
@@ -129,9 +134,11 @@ def forward_flops_per_bar(tokens: float, dim: int, n_layers: int, ff_dim: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--songs", type=int, default=1000, help="train-split songs of the small corpus (default 1000: enough bars to fill the fixed buffers)")
+    ap.add_argument("--songs", type=int, default=300, help="train-split songs of the small corpus (default 300)")
     ap.add_argument("--factor", type=int, default=8, help="large corpus = small x factor (default 8)")
     ap.add_argument("--repeats", type=int, default=2, help="evaluation repeats (default 2; memory does not grow with them)")
+    ap.add_argument("--batch-tokens", type=int, default=4096,
+                    help="tokens per forward (default 4096: the batch's activations, a fixed working set, are full at both sizes)")
     ap.add_argument("--clusters", type=int, default=50, help="k of the memory runs (default 50; k-means memory does not depend on k)")
     ap.add_argument("--timing-bars", type=int, default=10_000, help="training bars of the probe timing (default 10000: k = 1000 uncapped)")
     ap.add_argument("--tokens-per-bar", type=float, default=234.0,
@@ -151,14 +158,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         tmp = Path(tmp)
         write_checkpoint(tmp / "run")
-        runs = {}
-        for name, songs in (("small", args.songs), ("large", args.songs * args.factor)):
-            test = max(1, songs // 8)
-            shards = make_shards(tmp / name, {"train": [songs], "val": [test], "test": [test]}, seed=1)
-            runs[name] = r = measure(tmp / "run", shards, args.repeats, args.clusters)
-            log(f"{name}: {songs} train / {test} test songs, {r['train_bars']} + {r['test_bars']} bars per repeat, "
-                f"{r['layers']} layers x {args.repeats} repeats: peak RSS {r['peak_mib']:.0f} MiB "
-                f"({r['wall_s']:.0f} s; CPU s: features {r['features_cpu_s']:.1f}, probes {r['probes_cpu_s']:.1f})")
+        sizes = {"small": args.songs, "large": args.songs * args.factor}
+        running = {}
+        for name, songs in sizes.items():  # both at once, each in its own process
+            shards = make_shards(tmp / name, {"train": [songs], "val": [songs // 8], "test": [songs // 8]}, seed=1)
+            running[name] = start_evaluation(tmp / "run", shards, args)
+        probe_s = probe_seconds_per_layer(args.timing_bars, BASE["dim"])
+        runs = {name: finish_evaluation(proc) for name, proc in running.items()}
+    for name, r in runs.items():
+        log(f"{name}: {sizes[name]} train / {sizes[name] // 8} test songs, {r['train_bars']} + {r['test_bars']} bars per repeat, "
+            f"{r['layers']} layers x {args.repeats} repeats: peak RSS {r['peak_mib']:.0f} MiB "
+            f"({r['wall_s']:.0f} s; CPU s: features {r['features_cpu_s']:.1f}, probes {r['probes_cpu_s']:.1f})")
     small, large = runs["small"], runs["large"]
     n_small, n_large = (np.max(r["train_bars"]) for r in (small, large))
     growth = large["peak_mib"] - small["peak_mib"]
@@ -168,7 +178,6 @@ def main() -> None:
         f"one layer's training features at the large size: F = {n_large} x 768 x 4 B = {one_layer:.0f} MiB "
         f"(growth = {growth / one_layer:.2f} F)")
 
-    probe_s = probe_seconds_per_layer(args.timing_bars, BASE["dim"])
     log(f"probes: {probe_s:.1f} CPU s per layer at {args.timing_bars} training bars, 768 dims, k = 1000")
 
     lakh_peak = (small["peak_mib"] * MIB + per_train_bar * (LAKH["train_bars"] - n_small)) / (1 << 30)

@@ -297,12 +297,13 @@ def auto_batch_tokens(model: torch.nn.Module, device: torch.device, precision: s
     """Tokens per forward for inference: :data:`CPU_BATCH_TOKENS` on CPU; on CUDA as many as
     :data:`GPU_MEMORY_SHARE` of the free memory holds, from an upper bound of the activations
     one token needs at once (feed-forward hidden, a few ``dim``-wide tensors, a row of
-    attention scores per head), capped at :data:`MAX_GPU_BATCH_TOKENS`."""
+    attention scores per head, its bar state after every layer were it a bar's first token),
+    capped at :data:`MAX_GPU_BATCH_TOKENS`."""
     if device.type != "cuda":
         return CPU_BATCH_TOKENS
     cfg = unwrap(model).cfg
     element = 2 if precision == "bf16" else 4
-    per_token = element * (cfg.ff_dim + 8 * cfg.dim + cfg.n_heads * cfg.max_len) + 4 * cfg.n_layers * cfg.dim // 8
+    per_token = element * (cfg.ff_dim + 8 * cfg.dim + cfg.n_heads * cfg.max_len + cfg.n_layers * cfg.dim)
     free, _ = torch.cuda.mem_get_info(device)
     tokens = int(free * GPU_MEMORY_SHARE // per_token)
     return max(CPU_BATCH_TOKENS, min(MAX_GPU_BATCH_TOKENS, tokens))
@@ -632,6 +633,13 @@ class ProbeResult:
     test_bars: list[int]
 
 
+def _draw_repeat(shards_dir, split: str, per_song: int, repeat: int, max_songs, seed: int, progress: bool, desc: str) -> BarSample:
+    (sample,) = sample_split(shards_dir, split, per_song, 1, max_songs, seed=seed, first_repeat=repeat, progress=progress, desc=desc)
+    if len(sample) == 0:
+        raise ProbeError(f"split {split!r} of {shards_dir} has no bars to probe with")
+    return sample
+
+
 def probe_model(
     model: torch.nn.Module,
     shards_dir: str | Path,
@@ -669,21 +677,16 @@ def probe_model(
     values: dict[int, dict[str, list[float]]] = {l: {m: [] for m in METRICS} for l in layer_list}
     notes: list[str] = []
     clusters_used: list[int] = []
-    songs: dict[str, int] = {}
-    bars: dict[str, list[int]] = {train_split: [], test_split: []}
+    sizes: dict[str, list[int]] = {"train_songs": [], "test_songs": [], "train_bars": [], "test_bars": []}
     for r in range(repeats):
         stage = f"repeat {r + 1}/{repeats}: " if repeats > 1 else ""
-        drawn = {
-            split: sample_split(shards_dir, split, per_song, 1, max_songs, seed=seed, first_repeat=r,
-                                progress=progress, desc=f"{stage}sampling {split}")[0]
+        train, test = (
+            _draw_repeat(shards_dir, split, per_song, r, max_songs, seed, progress, f"{stage}sampling {split}")
             for split, per_song in ((train_split, train_per_song), (test_split, test_per_song))
-        }
-        train, test = drawn[train_split], drawn[test_split]
-        for split, sample in drawn.items():
-            if len(sample) == 0:
-                raise ProbeError(f"split {split!r} of {shards_dir} has no bars to probe with")
-            songs.setdefault(split, sample.n_songs)
-            bars[split].append(len(sample))
+        )
+        for name, sample in (("train", train), ("test", test)):
+            sizes[f"{name}_songs"].append(sample.n_songs)
+            sizes[f"{name}_bars"].append(len(sample))
         n_train, n_all = len(train), len(train) + len(test)
         with FeatureStore(len(layer_list), n_all, bare.cfg.dim, work_dir) as store:
             encode_bars(bare, train.bars + test.bars, layer_list, device, batch_tokens, precision, progress,
@@ -702,10 +705,10 @@ def probe_model(
         values=values,
         notes=notes,
         clusters_used=sorted(set(clusters_used)),
-        train_songs=songs[train_split],
-        test_songs=songs[test_split],
-        train_bars=bars[train_split],
-        test_bars=bars[test_split],
+        train_songs=sizes["train_songs"][0],
+        test_songs=sizes["test_songs"][0],
+        train_bars=sizes["train_bars"],
+        test_bars=sizes["test_bars"],
     )
 
 
