@@ -10,6 +10,9 @@ Features
     (:func:`encode_bars`; bars are packed several to a row, which the model keeps apart, so a
     bar's embedding does not depend, beyond float rounding, on what it is batched with). A bar
     longer than the model's ``max_len`` is cut to its first ``max_len - 1`` tokens plus ``<eob>``.
+    :func:`probe_model` writes them to a :class:`~musicbert.feature_store.FeatureStore` (a
+    temporary file) and fits the probes one layer at a time, so memory does not grow with
+    the number of layers; one repeat is sampled and encoded at a time.
 
 Sampling (:func:`sample_split`)
     ``per_song`` bars drawn without replacement from each song of a split (all of them when
