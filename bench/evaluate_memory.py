@@ -1,7 +1,7 @@
 """Evaluation memory at two corpus sizes 8x apart, and the projection to Lakh MIDI at BERT-base size.
 
-    python bench/evaluate_memory.py                    # ~5 min on 2 idle cores
-    python bench/evaluate_memory.py --songs 300 --factor 8 --batch-tokens 4096 --timing-bars 10000
+    python bench/evaluate_memory.py                    # ~4 min on 2 idle cores
+    python bench/evaluate_memory.py --songs 1200 --factor 8 --batch-tokens 4096 --timing-bars 10000
 
 1. **Memory.** Writes two synthetic shard folders (``tests/synthetic_shards.py``; train
    ``--songs`` and ``--songs x --factor`` songs, test an eighth of that, as Lakh's 80/10/10
@@ -137,7 +137,8 @@ def forward_flops_per_bar(tokens: float, dim: int, n_layers: int, ff_dim: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--songs", type=int, default=300, help="train-split songs of the small corpus (default 300)")
+    ap.add_argument("--songs", type=int, default=1200,
+                    help="train-split songs of the small corpus (default 1200: enough training bars, ~5,600, to fill the fixed buffers)")
     ap.add_argument("--factor", type=int, default=8, help="large corpus = small x factor (default 8)")
     ap.add_argument("--repeats", type=int, default=2, help="evaluation repeats (default 2; memory does not grow with them)")
     ap.add_argument("--batch-tokens", type=int, default=4096,

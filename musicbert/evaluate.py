@@ -16,11 +16,12 @@ initialised from ``--seed``: the baseline every trained result must beat.
 For each repeat, 5 bars are drawn from every train-split song (probe training set) and 10
 from every test-split song (probe test set); the bar embeddings of all chosen layers are
 computed in one pass and written to a temporary file, and the probes of
-:mod:`musicbert.probes` are fitted and scored one layer at a time (a progress bar on stderr
-names each stage, sampling / features / probes, with its ETA). The metrics, their directions and both scoring protocols
-(``standard``: AUC from decision scores, tempo by argmax; ``reference``: the reference
-implementation's scoring, AUC on hard predictions with the chord threshold -0.8, tempo as
-exact match of a multi-output ridge classifier) are described in :mod:`musicbert.probes`.
+:mod:`musicbert.probes` are fitted and scored one layer at a time (a progress bar on
+stderr names each stage, sampling / features / probes, with its ETA). The metrics, their
+directions and both scoring protocols (``standard``: AUC from decision scores, tempo by
+argmax; ``reference``: the reference implementation's scoring, AUC on hard predictions
+with the chord threshold -0.8, tempo as exact match of a multi-output ridge classifier)
+are described in :mod:`musicbert.probes`.
 
 Outputs in ``--out``:
 ``metrics.json``  ``{"layers": {"1": {"chords": {"mean", "std", "values"}, ...}, ...},
@@ -35,7 +36,7 @@ temporary file in ``--work-dir`` (default: a folder inside ``--out``, removed at
 Lakh MIDI at BERT-base size, 550k bars x 12 layers x 768: 20 GB of disk). In RAM are one
 repeat's sampled bars and labels (about 0.5 kB a bar) and, while a layer is probed, that
 layer's training features (n_train x dim x 4 bytes; Lakh: 1.35 GB) with the probe's working
-set; BENCHMARKS.md ("Evaluation memory") measures it and projects 2.3 GiB for Lakh.
+set; BENCHMARKS.md ("Evaluation memory") measures it and projects 2.6 GiB for Lakh.
 Feature extraction runs under bf16 autocast on a GPU (``--precision auto``, the default;
 fp32 on CPU) with batches sized to the free GPU memory (``--batch-tokens``); on Lakh the
 probe fitting on CPU, not the GPU, takes most of the time.
