@@ -5,7 +5,8 @@
     python -m musicbert.evaluate --checkpoint runs/demo --shards shards/demo --out runs/demo/eval
         [--layers all|last|1,6,12] [--repeats 5] [--protocol standard|reference]
         [--random-init] [--seed 0] [--device auto|cpu|cuda] [--clusters 1000] [--max-songs N]
-        [--train-bars 5] [--test-bars 10] [--precision fp32|bf16] [--threads N]
+        [--train-bars 5] [--test-bars 10] [--precision auto|fp32|bf16] [--batch-tokens N]
+        [--work-dir DIR] [--threads N]
     python -m musicbert.evaluate --compare A/metrics.json B/metrics.json [--names A B]
 
 ``--checkpoint`` is a ``.pt`` file or a run folder (its newest valid checkpoint).
@@ -14,11 +15,13 @@ initialised from ``--seed``: the baseline every trained result must beat.
 
 For each repeat, 5 bars are drawn from every train-split song (probe training set) and 10
 from every test-split song (probe test set); the bar embeddings of all chosen layers are
-computed in one pass (progress bar on stderr), and the probes of :mod:`musicbert.probes`
-are fitted and scored per layer. The metrics, their directions and both scoring protocols
-(``standard``: AUC from decision scores, tempo by argmax; ``reference``: the reference
-implementation's scoring, AUC on hard predictions with the chord threshold -0.8, tempo as
-exact match of a multi-output ridge classifier) are described in :mod:`musicbert.probes`.
+computed in one pass and written to a temporary file, and the probes of
+:mod:`musicbert.probes` are fitted and scored one layer at a time (a progress bar on
+stderr names each stage, sampling / features / probes, with its ETA). The metrics, their
+directions and both scoring protocols (``standard``: AUC from decision scores, tempo by
+argmax; ``reference``: the reference implementation's scoring, AUC on hard predictions
+with the chord threshold -0.8, tempo as exact match of a multi-output ridge classifier)
+are described in :mod:`musicbert.probes`.
 
 Outputs in ``--out``:
 ``metrics.json``  ``{"layers": {"1": {"chords": {"mean", "std", "values"}, ...}, ...},
@@ -27,8 +30,16 @@ Outputs in ``--out``:
 ``metrics.md``    the same as a table;
 ``layers.png``    each metric against layer.
 
-Cost: features are held in memory for one repeat: (train + test bars) x layers x dim x 4 bytes
-(Lakh MIDI, all 12 layers: about 27 GB); ``--max-songs`` or ``--layers`` reduce it.
+Cost: memory is bounded by one layer, not by the whole feature set. Per repeat the
+features of all chosen layers, (train + test bars) x layers x dim x 4 bytes, go to a
+temporary file in ``--work-dir`` (default: a folder inside ``--out``, removed at the end;
+Lakh MIDI at BERT-base size, 550k bars x 12 layers x 768: 20 GB of disk). In RAM are one
+repeat's sampled bars and labels (about 0.5 kB a bar) and, while a layer is probed, that
+layer's training features (n_train x dim x 4 bytes; Lakh: 1.35 GB) with the probe's working
+set; BENCHMARKS.md ("Evaluation memory") measures it and projects 2.6 GiB for Lakh.
+Feature extraction runs under bf16 autocast on a GPU (``--precision auto``, the default;
+fp32 on CPU) with batches sized to the free GPU memory (``--batch-tokens``); on Lakh the
+probe fitting on CPU, not the GPU, takes most of the time.
 """
 
 from __future__ import annotations
@@ -37,15 +48,18 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from musicbert.probes import (
+    CPU_BATCH_TOKENS,
     DEFAULT_CLUSTERS,
     HIGHER_IS_BETTER,
     METRICS,
+    PRECISIONS,
     PROTOCOLS,
     TEST_BARS_PER_SONG,
     TRAIN_BARS_PER_SONG,
@@ -80,26 +94,36 @@ def evaluate(
     device: str = "auto",
     clusters: int = DEFAULT_CLUSTERS,
     max_songs: int | None = None,
-    precision: str = "fp32",
-    batch_tokens: int = 16384,
+    precision: str = "auto",
+    batch_tokens: int | None = None,
     progress: bool = False,
     train_bars_per_song: int = TRAIN_BARS_PER_SONG,
     test_bars_per_song: int = TEST_BARS_PER_SONG,
+    work_dir: str | Path | None = None,
 ) -> dict:
-    """Run the evaluation and return the ``metrics.json`` dict; with ``out``, write the three files."""
+    """Run the evaluation and return the ``metrics.json`` dict; with ``out``, write the three files.
+
+    The features go to a temporary folder inside ``work_dir`` (default: ``out``, else the
+    system's temporary folder), removed at the end.
+    """
     from musicbert.api import load_model
-    from musicbert.probes import resolve_device
+    from musicbert.probes import resolve_device, resolve_precision
 
     if repeats < 1:
         raise ProbeError(f"repeats ({repeats}) must be >= 1")
     started = time.time()
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     model, info = load_model(checkpoint, random_init=random_init, seed=seed)
-    result = probe_model(
-        model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
-        max_songs=max_songs, batch_tokens=batch_tokens, precision=precision, progress=progress,
-        train_per_song=train_bars_per_song, test_per_song=test_bars_per_song,
-    )
+    work_root = work_dir if work_dir is not None else out
+    if work_root is not None:
+        Path(work_root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="evaluate-features-", dir=work_root) as features_dir:
+        result = probe_model(
+            model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
+            max_songs=max_songs, batch_tokens=batch_tokens, precision=precision, progress=progress,
+            train_per_song=train_bars_per_song, test_per_song=test_bars_per_song, work_dir=features_dir,
+        )
     import sklearn
 
     metrics = {
@@ -168,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"bars drawn per train-split song (default {TRAIN_BARS_PER_SONG}, as the reference)")
     p.add_argument("--test-bars", type=int, default=TEST_BARS_PER_SONG,
                    help=f"bars drawn per test-split song (default {TEST_BARS_PER_SONG}, as the reference)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="feature extraction precision (default fp32)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass (default 16384)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="feature extraction: auto (default: bf16 autocast on a GPU with bf16, fp32 on CPU), fp32 or bf16")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help=f"tokens per forward pass (default: {CPU_BATCH_TOKENS} on CPU, as many as half the free GPU memory holds on CUDA)")
+    p.add_argument("--work-dir", default=None,
+                   help="folder for the temporary feature file (default: --out); it needs (bars x layers x dim x 4) bytes")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: PyTorch's choice)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two metrics.json side by side and exit")
     p.add_argument("--names", nargs=2, metavar=("A", "B"), help="with --compare: column names")
@@ -196,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.shards, args.out, layers=args.layers, repeats=args.repeats, protocol=args.protocol,
             random_init=args.random_init, seed=args.seed, device=args.device, clusters=args.clusters,
             max_songs=args.max_songs, precision=args.precision, batch_tokens=args.batch_tokens, progress=True,
-            train_bars_per_song=args.train_bars, test_bars_per_song=args.test_bars,
+            train_bars_per_song=args.train_bars, test_bars_per_song=args.test_bars, work_dir=args.work_dir,
         )
     except (ProbeError, ModelLoadError, ShardFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,9 @@ Features
     (:func:`encode_bars`; bars are packed several to a row, which the model keeps apart, so a
     bar's embedding does not depend, beyond float rounding, on what it is batched with). A bar
     longer than the model's ``max_len`` is cut to its first ``max_len - 1`` tokens plus ``<eob>``.
+    :func:`probe_model` writes them to a :class:`~musicbert.feature_store.FeatureStore` (a
+    temporary file) and fits the probes one layer at a time, so memory does not grow with
+    the number of layers; one repeat is sampled and encoded at a time.
 
 Sampling (:func:`sample_split`)
     ``per_song`` bars drawn without replacement from each song of a split (all of them when
@@ -74,6 +77,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musicbert.feature_store import FeatureRows, FeatureStore, as_rows
 from musicbert.packing import pack_bars
 from musicbert.shards import N_CHORDS, N_INSTRUMENTS, read_manifest
 from musicbert.vocab import GM_PROGRAM_NAMES, TEMPO_BINS, VOCAB
@@ -154,7 +158,7 @@ class _SampleBuilder:
 
     def add(self, song, song_no: int, chosen: np.ndarray) -> None:
         for b in chosen:
-            self.bars.append(np.asarray(song.bar(int(b))))
+            self.bars.append(song.bar(int(b)).copy())  # a copy: a view would keep the song's whole token array alive
         self.song.extend([song_no] * len(chosen))
         for k, rows in self.rows.items():
             rows.append(getattr(song, k)[chosen])
@@ -194,18 +198,27 @@ def sample_split(
     max_songs: int | None = None,
     max_bars: int | None = None,
     seed: int = 0,
+    first_repeat: int = 0,
+    progress: bool = False,
+    desc: str = "sampling",
 ) -> list[BarSample]:
-    """One :class:`BarSample` per repeat, reading the split once (see the module docstring)."""
-    if per_song < 1 or repeats < 1:
-        raise ProbeError(f"per_song ({per_song}) and repeats ({repeats}) must be >= 1")
+    """One :class:`BarSample` for each of the repeats ``first_repeat .. first_repeat + repeats - 1``,
+    reading the split once (see the module docstring). Bars are copied out of their songs."""
+    if per_song < 1 or repeats < 1 or first_repeat < 0:
+        raise ProbeError(f"per_song ({per_song}) and repeats ({repeats}) must be >= 1, first_repeat ({first_repeat}) >= 0")
     builders = [_SampleBuilder() for _ in range(repeats)]
     song_ids: list[str] = []
-    for song in iter_split_songs(shards_dir, split, max_songs):
+    songs = iter_split_songs(shards_dir, split, max_songs)
+    if progress:
+        total = read_manifest(shards_dir).splits.get(split)
+        total = total.songs if total else None
+        songs = stage_progress(songs, desc, "song", None if total is None else min(total, max_songs or total))
+    for song in songs:
         if song.n_bars == 0:
             continue
         song_no = len(song_ids)
         song_ids.append(song.id)
-        for r, builder in enumerate(builders):
+        for r, builder in enumerate(builders, start=first_repeat):
             rng = np.random.default_rng([seed, r, _song_key(song.id)])
             k = min(per_song, song.n_bars)
             chosen = np.sort(rng.choice(song.n_bars, size=k, replace=False))
@@ -215,6 +228,13 @@ def sample_split(
         if max_bars is not None and all(len(b.bars) >= max_bars for b in builders):
             break
     return [b.build(list(song_ids)) for b in builders]
+
+
+def stage_progress(items: Iterable, desc: str, unit: str, total: int | None) -> Iterable:
+    """``items`` behind a tqdm progress bar on stderr (stage name, rate and ETA)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, total=total, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- features
@@ -261,6 +281,37 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+CPU_BATCH_TOKENS = 16384  # tokens per forward on CPU: larger batches are no faster there
+MAX_GPU_BATCH_TOKENS = 262144  # GPU throughput is saturated well before this
+GPU_MEMORY_SHARE = 0.5  # share of the free GPU memory a batch's activations may take
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 autocast on a CUDA device that has bf16, fp32 elsewhere (always fp32 on CPU)."""
+    if precision not in PRECISIONS:
+        raise ProbeError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def auto_batch_tokens(model: torch.nn.Module, device: torch.device, precision: str) -> int:
+    """Tokens per forward for inference: :data:`CPU_BATCH_TOKENS` on CPU; on CUDA as many as
+    :data:`GPU_MEMORY_SHARE` of the free memory holds, from an upper bound of the activations
+    one token needs at once (feed-forward hidden, a few ``dim``-wide tensors, a row of
+    attention scores per head, its bar state after every layer were it a bar's first token),
+    capped at :data:`MAX_GPU_BATCH_TOKENS`."""
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    cfg = unwrap(model).cfg
+    element = 2 if precision == "bf16" else 4
+    per_token = element * (cfg.ff_dim + 8 * cfg.dim + cfg.n_heads * cfg.max_len + cfg.n_layers * cfg.dim)
+    free, _ = torch.cuda.mem_get_info(device)
+    tokens = int(free * GPU_MEMORY_SHARE // per_token)
+    return max(CPU_BATCH_TOKENS, min(MAX_GPU_BATCH_TOKENS, tokens))
+
+
 def _fit_bar(bar: np.ndarray, max_len: int) -> np.ndarray:
     bar = np.asarray(bar, dtype=np.int64)
     if len(bar) > max_len:
@@ -274,29 +325,36 @@ def encode_bars(
     bars: Sequence[np.ndarray],
     layers: Sequence[int],
     device: str | torch.device | None = None,
-    batch_tokens: int = 16384,
+    batch_tokens: int | None = None,
     precision: str = "fp32",
     progress: bool = False,
     desc: str = "features",
-) -> np.ndarray:
-    """Bar embeddings ``float32 [len(layers), len(bars), dim]`` of the given (1-based) layers.
+    out: FeatureStore | None = None,
+) -> np.ndarray | FeatureStore:
+    """Bar embeddings ``float32 [len(layers), len(bars), dim]`` of the given (1-based) layers,
+    as an array, or written into ``out`` (a :class:`FeatureStore` of that shape, returned).
 
     Bars are packed into rows of ``model.cfg.max_len`` tokens, ``batch_tokens`` tokens per
-    forward. The model is put in eval mode for the call and given back in its previous mode
-    (and on its previous device).
+    forward (None: :func:`auto_batch_tokens`). ``precision`` is ``fp32``, ``bf16`` (autocast)
+    or ``auto`` (:func:`resolve_precision`). The model is put in eval mode for the call and
+    given back in its previous mode (and on its previous device).
     """
     model = unwrap(model)
     device = resolve_device(device)
     cfg = model.cfg
-    if precision not in ("fp32", "bf16"):
-        raise ProbeError(f"precision {precision!r} is not one of ['fp32', 'bf16']")
+    precision = resolve_precision(precision, device)
+    if batch_tokens is None:
+        batch_tokens = auto_batch_tokens(model, device, precision)
     layer_idx = torch.tensor([l - 1 for l in layers], dtype=torch.long)
-    out = np.zeros((len(layers), len(bars), cfg.dim), dtype=np.float32)
+    if out is None:
+        features = np.zeros((len(layers), len(bars), cfg.dim), dtype=np.float32)
+    elif (out.n_layers, out.n_bars, out.dim) != (len(layers), len(bars), cfg.dim):
+        raise ProbeError(f"feature store of shape {(out.n_layers, out.n_bars, out.dim)} for {(len(layers), len(bars), cfg.dim)}")
     if not bars:
-        return out
-    fitted = [_fit_bar(b, cfg.max_len) for b in bars]
-    row_len = min(cfg.max_len, max(len(b) for b in fitted))
-    batches = pack_bars([len(b) for b in fitted], row_len, max(1, batch_tokens // row_len))
+        return features if out is None else out
+    lengths = [min(len(b), cfg.max_len) for b in bars]  # _fit_bar's length; bars are fitted batch by batch
+    row_len = max(lengths)
+    batches = pack_bars(lengths, row_len, max(1, batch_tokens // row_len))
     was_training = model.training
     old_device = next(model.parameters()).device
     model.eval()
@@ -317,15 +375,18 @@ def encode_bars(
             for r, members in enumerate(rows):
                 col = 0
                 for s, i in enumerate(members, start=1):
-                    n = len(fitted[i])
-                    tokens[r, col : col + n] = fitted[i]
+                    n = lengths[i]
+                    tokens[r, col : col + n] = _fit_bar(bars[i], cfg.max_len)
                     segments[r, col : col + n] = s
                     col += n
                 order.extend(members)
             with autocast:
                 states = model(torch.from_numpy(tokens).to(device), torch.from_numpy(segments).to(device)).bar_states
             chosen = states.index_select(0, layer_idx.to(states.device)).float().cpu().numpy()
-            out[:, order] = chosen
+            if out is None:
+                features[:, order] = chosen
+            else:
+                out.write(order, chosen)
             if bar_progress is not None:
                 bar_progress.update(len(order))
     finally:
@@ -333,18 +394,41 @@ def encode_bars(
             bar_progress.close()
         model.to(old_device)
         model.train(was_training)
-    return out
+    return features if out is None else out
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
+STD_CHUNK_ROWS = 4096  # rows per step of the column variance (bounds its temporary)
+
+
+def column_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(x.mean(axis=0), x.std(axis=0))``, bit for bit, without ``std``'s temporary copy of ``x``.
+
+    numpy sums along axis 0 row after row; continuing each chunk's sum from the previous
+    chunks' keeps that order, so the result is the same to the last bit.
+    """
+    mean = x.mean(axis=0)
+    total = None
+    for start in range(0, len(x), STD_CHUNK_ROWS):
+        sq = x[start : start + STD_CHUNK_ROWS] - mean
+        sq *= sq
+        total = np.add.reduce(sq if total is None else np.concatenate([total[None], sq]), axis=0)
+    if total is None:
+        return mean, np.full_like(mean, np.nan)
+    return mean, np.sqrt(total / len(x))
+
+
 def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scale both with the training rows' mean and (population) std; a constant feature is only centred."""
-    mean = train.mean(axis=0)
-    std = train.std(axis=0)
+    """Scale both, in place, with the training rows' mean and (population) std, and return
+    them; a constant feature is only centred."""
+    mean, std = column_mean_std(train)
     std = np.where(std > 0, std, 1.0)
-    return (train - mean) / std, (test - mean) / std
+    for x in (train, test):
+        x -= mean
+        x /= std
+    return train, test
 
 
 def column_auc(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -424,8 +508,13 @@ class LayerScores:
     clusters: int = 0
 
 
-def _probe_multilabel(name, xtr, ytr, xte, yte, protocol) -> tuple[float, str | None]:
-    from sklearn.linear_model import RidgeClassifier
+# Every probe reads its own rows (FeatureRows.take: a fresh copy, from disk when the features
+# are stored), standardises them in place and lets the ridge centre them in place
+# (copy_X=False): one copy of a layer's training rows at a time.
+
+
+def _probe_multilabel(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte, protocol) -> tuple[float, str | None]:
+    from sklearn.linear_model import Ridge
 
     keep_tr = ytr.sum(axis=1) > 0
     keep_te = yte.sum(axis=1) > 0
@@ -433,10 +522,14 @@ def _probe_multilabel(name, xtr, ytr, xte, yte, protocol) -> tuple[float, str | 
         return float("nan"), f"{name}: fewer than 2 training bars with a positive label"
     if keep_te.sum() == 0:
         return float("nan"), f"{name}: no test bar with a positive label"
-    xtr, xte = standardise(xtr[keep_tr], xte[keep_te])
+    xtr, xte = standardise(train_x.take(keep_tr), test_x.take(keep_te))
     ytr, yte = ytr[keep_tr], yte[keep_te]
-    clf = RidgeClassifier(alpha=ALPHA).fit(xtr, ytr.astype(np.int64))
-    decision = clf.decision_function(xte)
+    # RidgeClassifier fits a ridge to +-1 targets; fitting them directly gives the same
+    # decision scores to the bit without its int64 label copies (5 kB a bar for 129 labels).
+    targets = ytr.astype(np.float32)
+    targets *= 2
+    targets -= 1
+    decision = Ridge(alpha=ALPHA, copy_X=False).fit(xtr, targets).predict(xte)
     threshold = REFERENCE_CHORD_THRESHOLD if name == "chords" else 0.0
     value = weighted_auc(yte, multilabel_scores(decision, protocol, threshold))
     if math.isnan(value):
@@ -444,39 +537,40 @@ def _probe_multilabel(name, xtr, ytr, xte, yte, protocol) -> tuple[float, str | 
     return value, None
 
 
-def _probe_tempo(xtr, ttr, xte, tte, protocol) -> tuple[float, str | None]:
+def _probe_tempo(train_x: FeatureRows, ttr, test_x: FeatureRows, tte, protocol) -> tuple[float, str | None]:
     from sklearn.linear_model import RidgeClassifier
 
     if len(ttr) < 2 or len(tte) == 0:
         return float("nan"), "tempo: too few bars"
-    xtr, xte = standardise(xtr, xte)
+    xtr, xte = standardise(train_x.take(), test_x.take())
     ttr = np.asarray(ttr, dtype=np.int64)
     tte = np.asarray(tte, dtype=np.int64)
     if protocol == "reference":
         onehot = np.eye(N_TEMPO, dtype=np.int64)[ttr]
-        clf = RidgeClassifier(alpha=ALPHA).fit(xtr, onehot)
+        clf = RidgeClassifier(alpha=ALPHA, copy_X=False).fit(xtr, onehot)
         return tempo_accuracy_reference(clf.decision_function(xte), tte), None
-    clf = RidgeClassifier(alpha=ALPHA).fit(xtr, ttr)
+    clf = RidgeClassifier(alpha=ALPHA, copy_X=False).fit(xtr, ttr)
     return float(np.mean(clf.predict(xte) == tte)), None
 
 
-def _probe_regression(name, xtr, ytr, xte, yte) -> tuple[float, str | None]:
+def _probe_regression(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte) -> tuple[float, str | None]:
     from sklearn.linear_model import Ridge
 
     if len(ytr) < 2 or len(yte) == 0:
         return float("nan"), f"{name}: too few bars"
-    xtr, xte = standardise(xtr, xte)
-    pred = Ridge(alpha=ALPHA).fit(xtr, ytr.astype(np.float64)).predict(xte)
+    xtr, xte = standardise(train_x.take(), test_x.take())
+    pred = Ridge(alpha=ALPHA, copy_X=False).fit(xtr, ytr.astype(np.float64)).predict(xte)
     return float(np.sqrt(np.mean((pred - yte.astype(np.float64)) ** 2))), None
 
 
-def _clustering(xtr, xte, test_songs, clusters, protocol, seed) -> tuple[float, int, str | None]:
+def _clustering(train_x: FeatureRows, test_x: FeatureRows, test_songs, clusters, protocol, seed) -> tuple[float, int, str | None]:
     from sklearn.cluster import MiniBatchKMeans
 
-    k = clusters_for(len(xtr), clusters)
-    if len(xtr) < k or len(xte) == 0:
+    n_train, n_test = train_x.shape[0], test_x.shape[0]
+    k = clusters_for(n_train, clusters)
+    if n_train < k or n_test == 0:
         return float("nan"), k, "song_clustering: too few bars"
-    xtr, xte = standardise(xtr, xte)
+    xtr, xte = standardise(train_x.take(), test_x.take())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on small samples
         # n_init and batch_size as the defaults of scikit-learn 1.1.3, the version the reference pinned
@@ -486,19 +580,23 @@ def _clustering(xtr, xte, test_songs, clusters, protocol, seed) -> tuple[float, 
 
 
 def score_layer(
-    train_x: np.ndarray,
+    train_x: np.ndarray | FeatureRows,
     train: BarSample,
-    test_x: np.ndarray,
+    test_x: np.ndarray | FeatureRows,
     test: BarSample,
     protocol: str = "standard",
     clusters: int = DEFAULT_CLUSTERS,
     seed: int = 0,
 ) -> LayerScores:
-    """The seven metrics for one layer's features (rows aligned with the samples)."""
+    """The seven metrics for one layer's features (rows aligned with the samples).
+
+    The features are arrays (made float32) or :class:`~musicbert.feature_store.FeatureRows`
+    (for example a layer of a :class:`~musicbert.feature_store.FeatureStore`); each probe
+    takes its own copy of the rows it needs, so the inputs are not changed.
+    """
     if protocol not in PROTOCOLS:
         raise ProbeError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
-    train_x = np.asarray(train_x, dtype=np.float32)
-    test_x = np.asarray(test_x, dtype=np.float32)
+    train_x, test_x = as_rows(train_x), as_rows(test_x)
     out = LayerScores()
 
     def put(name: str, result: tuple[float, str | None]) -> None:
@@ -510,7 +608,7 @@ def score_layer(
 
     # Small problems run faster on one thread (OpenMP/BLAS start-up costs dominate, badly so
     # on a busy machine); large ones use the machine.
-    threads = 1 if train_x.size + test_x.size < SMALL_PROBLEM else None
+    threads = 1 if (train_x.shape[0] + test_x.shape[0]) * train_x.shape[1] < SMALL_PROBLEM else None
     with warnings.catch_warnings(), threadpool_limits(threads):
         warnings.simplefilter("ignore", category=RuntimeWarning)
         for name, attr in _MULTILABEL.items():
@@ -542,6 +640,13 @@ class ProbeResult:
     test_bars: list[int]
 
 
+def _draw_repeat(shards_dir, split: str, per_song: int, repeat: int, max_songs, seed: int, progress: bool, desc: str) -> BarSample:
+    (sample,) = sample_split(shards_dir, split, per_song, 1, max_songs, seed=seed, first_repeat=repeat, progress=progress, desc=desc)
+    if len(sample) == 0:
+        raise ProbeError(f"split {split!r} of {shards_dir} has no bars to probe with")
+    return sample
+
+
 def probe_model(
     model: torch.nn.Module,
     shards_dir: str | Path,
@@ -556,41 +661,61 @@ def probe_model(
     test_split: str = "test",
     train_per_song: int = TRAIN_BARS_PER_SONG,
     test_per_song: int = TEST_BARS_PER_SONG,
-    batch_tokens: int = 16384,
+    batch_tokens: int | None = None,
     precision: str = "fp32",
     progress: bool = False,
+    work_dir: str | Path | None = None,
 ) -> ProbeResult:
-    """Sample, extract features and score every chosen layer, ``repeats`` times."""
+    """Sample, extract features and score every chosen layer, ``repeats`` times.
+
+    Memory stays bounded as the corpus grows: one repeat is sampled at a time (each split is
+    read once per repeat; the bars are copied out of their songs), its features go to a
+    :class:`~musicbert.feature_store.FeatureStore` (a temporary file in ``work_dir``, the
+    system's temporary folder when None, deleted afterwards), and the probes read them back
+    one layer at a time. ``progress`` shows each stage (sampling, features, probes) with its
+    ETA on stderr.
+    """
     if protocol not in PROTOCOLS:
         raise ProbeError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
+    if repeats < 1:
+        raise ProbeError(f"repeats ({repeats}) must be >= 1")
     bare = unwrap(model)
     layer_list = parse_layers(layers, bare.cfg.n_layers)
-    train_sets = sample_split(shards_dir, train_split, train_per_song, repeats, max_songs, seed=seed)
-    test_sets = sample_split(shards_dir, test_split, test_per_song, repeats, max_songs, seed=seed)
-    for split, sets in ((train_split, train_sets), (test_split, test_sets)):
-        if len(sets[0]) == 0:
-            raise ProbeError(f"split {split!r} of {shards_dir} has no bars to probe with")
     values: dict[int, dict[str, list[float]]] = {l: {m: [] for m in METRICS} for l in layer_list}
     notes: list[str] = []
     clusters_used: list[int] = []
-    for r, (train, test) in enumerate(zip(train_sets, test_sets)):
-        desc = f"features (repeat {r + 1}/{repeats})" if repeats > 1 else "features"
-        feats = encode_bars(bare, train.bars + test.bars, layer_list, device, batch_tokens, precision, progress, desc)
-        for li, layer in enumerate(layer_list):
-            scores = score_layer(feats[li, : len(train)], train, feats[li, len(train) :], test, protocol, clusters, seed + r)
-            for m, v in scores.values.items():
-                values[layer][m].append(v)
-            notes += [f"layer {layer} repeat {r + 1}: {n}" for n in scores.notes]
-            clusters_used.append(scores.clusters)
+    sizes: dict[str, list[int]] = {"train_songs": [], "test_songs": [], "train_bars": [], "test_bars": []}
+    for r in range(repeats):
+        stage = f"repeat {r + 1}/{repeats}: " if repeats > 1 else ""
+        train, test = (
+            _draw_repeat(shards_dir, split, per_song, r, max_songs, seed, progress, f"{stage}sampling {split}")
+            for split, per_song in ((train_split, train_per_song), (test_split, test_per_song))
+        )
+        for name, sample in (("train", train), ("test", test)):
+            sizes[f"{name}_songs"].append(sample.n_songs)
+            sizes[f"{name}_bars"].append(len(sample))
+        n_train, n_all = len(train), len(train) + len(test)
+        with FeatureStore(len(layer_list), n_all, bare.cfg.dim, work_dir) as store:
+            encode_bars(bare, train.bars + test.bars, layer_list, device, batch_tokens, precision, progress,
+                        f"{stage}features", out=store)
+            train.bars, test.bars = [], []  # the tokens are no longer needed
+            per_layer = list(enumerate(layer_list))
+            for li, layer in stage_progress(per_layer, f"{stage}probes", "layer", len(per_layer)) if progress else per_layer:
+                scores = score_layer(store.layer(li, np.arange(n_train)), train, store.layer(li, np.arange(n_train, n_all)), test,
+                                     protocol, clusters, seed + r)
+                for m, v in scores.values.items():
+                    values[layer][m].append(v)
+                notes += [f"layer {layer} repeat {r + 1}: {n}" for n in scores.notes]
+                clusters_used.append(scores.clusters)
     return ProbeResult(
         layers=layer_list,
         values=values,
         notes=notes,
         clusters_used=sorted(set(clusters_used)),
-        train_songs=train_sets[0].n_songs,
-        test_songs=test_sets[0].n_songs,
-        train_bars=[len(s) for s in train_sets],
-        test_bars=[len(s) for s in test_sets],
+        train_songs=sizes["train_songs"][0],
+        test_songs=sizes["test_songs"][0],
+        train_bars=sizes["train_bars"],
+        test_bars=sizes["test_bars"],
     )
 
 

@@ -52,7 +52,12 @@ def test_cli_writes_every_metric_for_every_layer(run_dir, example_shards, tmp_pa
     assert "song_clustering ↓" in md and "| 2 |" in md
     png = (out / "layers.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "metrics.json" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "metrics.json" in captured.out
+    assert sorted(f.name for f in out.iterdir()) == ["layers.png", "metrics.json", "metrics.md"], "the feature folder is removed"
+    for stage in ("repeat 2/2: sampling train", "repeat 2/2: features", "repeat 2/2: probes"):
+        assert stage in captured.err, stage
+    assert s["precision"] == "fp32", "auto is fp32 on CPU"
 
 
 def test_reference_protocol_and_random_init(run_dir, example_shards, tmp_path):

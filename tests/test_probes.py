@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from eval_helpers import tiny_model
+from musicbert import probes
+from musicbert.feature_store import ArrayRows, FeatureStore
 from musicbert.packing import pack_bars
 from musicbert.probes import (
     METRICS,
@@ -17,9 +19,12 @@ from musicbert.probes import (
     _probe_multilabel,
     cluster_entropy,
     clusters_for,
+    column_mean_std,
     encode_bars,
     multilabel_scores,
     parse_layers,
+    probe_model,
+    resolve_precision,
     run_probes,
     sample_split,
     score_layer,
@@ -106,6 +111,14 @@ def test_standardise_uses_training_statistics_and_survives_constant_features():
     a, b = standardise(train, test)
     np.testing.assert_allclose(a, [[-1, 0], [1, 0]])
     np.testing.assert_allclose(b, [[0, 1]])
+    assert a is train and b is test, "in place: no copies of a layer's features"
+
+
+def test_column_std_in_chunks_is_numpys_to_the_bit(monkeypatch):
+    monkeypatch.setattr(probes, "STD_CHUNK_ROWS", 7)  # many chunks, the last one short
+    x = (np.random.default_rng(0).normal(size=(100, 33)) * 3 + 5).astype(np.float32)
+    mean, std = column_mean_std(x)
+    assert np.array_equal(mean, x.mean(axis=0)) and np.array_equal(std, x.std(axis=0))
 
 
 def test_reference_multilabel_matches_a_plain_sklearn_pipeline():
@@ -125,9 +138,9 @@ def test_reference_multilabel_matches_a_plain_sklearn_pipeline():
     clf = RidgeClassifier(alpha=100).fit((xtr[ktr] - mean) / std, ytr[ktr].astype(float))  # the reference had float labels
     ztest = (xte[kte] - mean) / std
     expected = roc_auc_score(yte[kte], clf.predict(ztest), average="weighted")
-    assert _probe_multilabel("groove", xtr, ytr, xte, yte, "reference")[0] == pytest.approx(expected, abs=1e-12)
+    assert _probe_multilabel("groove", ArrayRows(xtr), ytr, ArrayRows(xte), yte, "reference")[0] == pytest.approx(expected, abs=1e-12)
     expected_chords = roc_auc_score(yte[kte], (clf.decision_function(ztest) > -0.8).astype(int), average="weighted")
-    assert _probe_multilabel("chords", xtr, ytr, xte, yte, "reference")[0] == pytest.approx(expected_chords, abs=1e-12)
+    assert _probe_multilabel("chords", ArrayRows(xtr), ytr, ArrayRows(xte), yte, "reference")[0] == pytest.approx(expected_chords, abs=1e-12)
 
 
 def _synthetic_sample(rng, n, n_songs):
@@ -266,3 +279,74 @@ def test_features_that_hold_the_labels_beat_random_features(example_shards):
         assert good[m] > 0.65 and good[m] > noise[m] + 0.1, (m, good[m], noise[m])
     assert good["tempo"] > noise["tempo"] + 0.05  # test songs often have a tempo no training song has
     assert good["mean_velocity"] < 0.9 * noise["mean_velocity"]
+
+
+def test_sampled_bars_are_copied_out_of_their_songs(example_shards):
+    (sample,) = sample_split(example_shards, "test", 3)
+    assert all(bar.base is None for bar in sample.bars), "a view would keep the song's token array alive"
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ProbeError, match="fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_features_written_to_a_store_equal_those_in_memory(example_shards, tmp_path):
+    model = tiny_model(0)
+    (sample,) = sample_split(example_shards, "test", 4)
+    in_memory = encode_bars(model, sample.bars, [1, 2], "cpu", batch_tokens=1024)
+    with FeatureStore(2, len(sample), model.cfg.dim, tmp_path) as store:
+        assert encode_bars(model, sample.bars, [1, 2], "cpu", batch_tokens=1024, out=store) is store
+        picked = np.random.default_rng(0).permutation(len(sample))[: len(sample) // 2]
+        for li in (0, 1):
+            assert np.array_equal(store.read(li, np.arange(len(sample))), in_memory[li])
+            assert np.array_equal(store.layer(li, picked).take(picked % 2 == 0), in_memory[li][picked[picked % 2 == 0]])
+    assert list(tmp_path.iterdir()) == [], "the feature file is removed"
+
+
+def test_probe_model_equals_the_in_memory_evaluation(example_shards, tmp_path):
+    """probe_model (a repeat at a time, features on disk, probes layer by layer) gives the
+    numbers of the in-memory method it replaced: every repeat sampled in one pass, all
+    layers' features in one array, score_layer on slices of it."""
+    model, repeats, seed = tiny_model(2), 2, 5
+    got = probe_model(model, example_shards, "all", repeats=repeats, seed=seed, device="cpu", max_songs=8, work_dir=tmp_path)
+    trains = sample_split(example_shards, "train", 5, repeats, max_songs=8, seed=seed)
+    tests = sample_split(example_shards, "test", 10, repeats, max_songs=8, seed=seed)
+    for r, (train, test) in enumerate(zip(trains, tests)):
+        feats = encode_bars(model, train.bars + test.bars, [1, 2], "cpu")
+        for li, layer in enumerate((1, 2)):
+            want = score_layer(feats[li, : len(train)], train, feats[li, len(train) :], test, seed=seed + r)
+            for m in METRICS:
+                assert got.values[layer][m][r] == pytest.approx(want.values[m], rel=1e-6, abs=1e-9, nan_ok=True), (r, layer, m)
+    assert got.train_bars == [len(s) for s in trains] and got.test_bars == [len(s) for s in tests]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_feature_store_reads_any_rows_in_any_order(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 50, 4)).astype(np.float32)
+    order = rng.permutation(50)
+    with FeatureStore(3, 50, 4, tmp_path) as store:
+        for batch in np.array_split(order, 6):  # batches of bars in a shuffled order, as packing gives them
+            store.write(batch, x[:, batch])
+        with pytest.raises(ValueError, match="twice"):
+            store.write(order[:1], x[:, order[:1]])
+        wanted = np.array([49, 0, 7, 7, 31])
+        for layer in range(3):
+            np.testing.assert_array_equal(store.read(layer, wanted), x[layer, wanted])
+        assert store.layer(1, np.arange(50)).shape == (50, 4)
+
+
+def test_score_layer_reads_stored_rows_like_arrays_and_leaves_them_unchanged(tmp_path):
+    rng = np.random.default_rng(4)
+    train, test = _synthetic_sample(rng, 120, 30), _synthetic_sample(rng, 40, 5)
+    xtr, xte = rng.normal(size=(120, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+    before = xtr.copy()
+    from_arrays = score_layer(xtr, train, xte, test, clusters=5)
+    assert np.array_equal(xtr, before)
+    with FeatureStore(1, 160, 8, tmp_path) as store:
+        store.write(np.arange(160)[::-1], np.concatenate([xtr, xte])[::-1][None])
+        stored = score_layer(store.layer(0, np.arange(120)), train, store.layer(0, np.arange(120, 160)), test, clusters=5)
+    assert stored.values == pytest.approx(from_arrays.values, nan_ok=True)
