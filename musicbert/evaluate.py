@@ -6,6 +6,7 @@
         [--layers all|last|1,6,12] [--repeats 5] [--protocol standard|reference]
         [--random-init] [--seed 0] [--device auto|cpu|cuda] [--clusters 1000] [--max-songs N]
         [--train-bars 5] [--test-bars 10] [--precision fp32|bf16] [--threads N]
+        [--labels [NAME=]FILE.csv ...]
     python -m musicbert.evaluate --compare A/metrics.json B/metrics.json [--names A B]
 
 ``--checkpoint`` is a ``.pt`` file or a run folder (its newest valid checkpoint).
@@ -27,6 +28,11 @@ Outputs in ``--out``:
 ``metrics.md``    the same as a table;
 ``layers.png``    each metric against layer.
 
+``--labels [NAME=]FILE.csv`` (repeatable) adds one metric per file, probed on the same bars:
+annotated labels per bar or per song (format and scoring in :mod:`musicbert.custom_labels`).
+Its values sit beside the seven in ``metrics.json`` (and its direction in ``better``); what
+matched the shards and what did not is under ``"labels": {NAME: {...}}``.
+
 Cost: features are held in memory for one repeat: (train + test bars) x layers x dim x 4 bytes
 (Lakh MIDI, all 12 layers: about 27 GB); ``--max-songs`` or ``--layers`` reduce it.
 """
@@ -38,6 +44,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +52,6 @@ import numpy as np
 from musicbert.probes import (
     DEFAULT_CLUSTERS,
     HIGHER_IS_BETTER,
-    METRICS,
     PROTOCOLS,
     TEST_BARS_PER_SONG,
     TRAIN_BARS_PER_SONG,
@@ -85,26 +91,33 @@ def evaluate(
     progress: bool = False,
     train_bars_per_song: int = TRAIN_BARS_PER_SONG,
     test_bars_per_song: int = TEST_BARS_PER_SONG,
+    labels: Sequence[str] = (),
 ) -> dict:
-    """Run the evaluation and return the ``metrics.json`` dict; with ``out``, write the three files."""
+    """Run the evaluation and return the ``metrics.json`` dict; with ``out``, write the three files.
+
+    ``labels``: ``[NAME=]FILE.csv`` specs of annotated labels (:mod:`musicbert.custom_labels`).
+    """
     from musicbert.api import load_model
+    from musicbert.custom_labels import load_label_tables
     from musicbert.probes import resolve_device
 
     if repeats < 1:
         raise ProbeError(f"repeats ({repeats}) must be >= 1")
     started = time.time()
     dev = resolve_device(device)
+    tables = load_label_tables(labels, shards)
     model, info = load_model(checkpoint, random_init=random_init, seed=seed)
     result = probe_model(
         model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
         max_songs=max_songs, batch_tokens=batch_tokens, precision=precision, progress=progress,
-        train_per_song=train_bars_per_song, test_per_song=test_bars_per_song,
+        train_per_song=train_bars_per_song, test_per_song=test_bars_per_song, labels=tables,
     )
     import sklearn
 
+    higher = {**HIGHER_IS_BETTER, **{t.name: t.higher_is_better for t in tables}}
     metrics = {
-        "layers": {str(l): {m: summarise(result.values[l][m]) for m in METRICS} for l in result.layers},
-        "better": {m: "higher" if HIGHER_IS_BETTER[m] else "lower" for m in METRICS},
+        "layers": {str(l): {m: summarise(v) for m, v in result.values[l].items()} for l in result.layers},
+        "better": {m: "higher" if higher[m] else "lower" for m in higher},
         "settings": {
             "checkpoint": info["checkpoint"],
             "step": info["step"],
@@ -133,6 +146,8 @@ def evaluate(
             "notes": sorted(set(result.notes)),
         },
     }
+    if tables:
+        metrics["labels"] = {t.name: t.summary for t in tables}
     if out is not None:
         write_outputs(metrics, out)
     return metrics
@@ -171,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="feature extraction precision (default fp32)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass (default 16384)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: PyTorch's choice)")
+    p.add_argument("--labels", action="append", default=[], metavar="[NAME=]FILE.csv",
+                   help="annotated labels (columns path,[bar,]label) to probe as one more metric, named NAME or "
+                        "after the file; repeatable (see musicbert.custom_labels)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two metrics.json side by side and exit")
     p.add_argument("--names", nargs=2, metavar=("A", "B"), help="with --compare: column names")
     args = p.parse_args(argv)
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.shards, args.out, layers=args.layers, repeats=args.repeats, protocol=args.protocol,
             random_init=args.random_init, seed=args.seed, device=args.device, clusters=args.clusters,
             max_songs=args.max_songs, precision=args.precision, batch_tokens=args.batch_tokens, progress=True,
-            train_bars_per_song=args.train_bars, test_bars_per_song=args.test_bars,
+            train_bars_per_song=args.train_bars, test_bars_per_song=args.test_bars, labels=args.labels,
         )
     except (ProbeError, ModelLoadError, ShardFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -210,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{s['repeats']} repeats, {s['train_songs']}/{s['test_songs']} train/test songs, "
         f"k = {s['clusters_used']}, {s['seconds']} s; wrote {Path(args.out) / 'metrics.json'}, metrics.md, layers.png"
     )
+    for name, info in metrics.get("labels", {}).items():
+        print(f"labels {name}: {info['kind']} ({info['metric']}), {info['matched']} of {info['labelled']} labelled "
+              f"songs/bars matched; {info['unknown_paths']} unknown path(s), "
+              f"{info['bars_before_song'] + info['bars_after_song']} bar(s) outside their song, {info['bars_not_kept']} not kept")
     return 0
 
 

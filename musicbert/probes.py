@@ -70,6 +70,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -77,6 +78,9 @@ import torch
 from musicbert.packing import pack_bars
 from musicbert.shards import N_CHORDS, N_INSTRUMENTS, read_manifest
 from musicbert.vocab import GM_PROGRAM_NAMES, TEMPO_BINS, VOCAB
+
+if TYPE_CHECKING:
+    from musicbert.custom_labels import LabelTable
 
 METRICS = ("chords", "groove", "instruments", "tempo", "mean_velocity", "mean_duration", "song_clustering")
 HIGHER_IS_BETTER = {
@@ -444,20 +448,31 @@ def _probe_multilabel(name, xtr, ytr, xte, yte, protocol) -> tuple[float, str | 
     return value, None
 
 
+def _probe_accuracy(name, xtr, ytr, xte, yte) -> tuple[float, str | None]:
+    """Multi-class ridge classifier over the classes seen in training; accuracy of its argmax."""
+    from sklearn.linear_model import RidgeClassifier
+
+    if len(ytr) < 2 or len(yte) == 0:
+        return float("nan"), f"{name}: too few bars"
+    ytr = np.asarray(ytr, dtype=np.int64)
+    if len(np.unique(ytr)) < 2:
+        return float("nan"), f"{name}: one class only in the training bars"
+    xtr, xte = standardise(xtr, xte)
+    clf = RidgeClassifier(alpha=ALPHA).fit(xtr, ytr)
+    return float(np.mean(clf.predict(xte) == np.asarray(yte, dtype=np.int64))), None
+
+
 def _probe_tempo(xtr, ttr, xte, tte, protocol) -> tuple[float, str | None]:
     from sklearn.linear_model import RidgeClassifier
 
+    if protocol == "standard":
+        return _probe_accuracy("tempo", xtr, ttr, xte, tte)
     if len(ttr) < 2 or len(tte) == 0:
         return float("nan"), "tempo: too few bars"
     xtr, xte = standardise(xtr, xte)
-    ttr = np.asarray(ttr, dtype=np.int64)
-    tte = np.asarray(tte, dtype=np.int64)
-    if protocol == "reference":
-        onehot = np.eye(N_TEMPO, dtype=np.int64)[ttr]
-        clf = RidgeClassifier(alpha=ALPHA).fit(xtr, onehot)
-        return tempo_accuracy_reference(clf.decision_function(xte), tte), None
-    clf = RidgeClassifier(alpha=ALPHA).fit(xtr, ttr)
-    return float(np.mean(clf.predict(xte) == tte)), None
+    onehot = np.eye(N_TEMPO, dtype=np.int64)[np.asarray(ttr, dtype=np.int64)]
+    clf = RidgeClassifier(alpha=ALPHA).fit(xtr, onehot)
+    return tempo_accuracy_reference(clf.decision_function(xte), np.asarray(tte, dtype=np.int64)), None
 
 
 def _probe_regression(name, xtr, ytr, xte, yte) -> tuple[float, str | None]:
@@ -493,8 +508,10 @@ def score_layer(
     protocol: str = "standard",
     clusters: int = DEFAULT_CLUSTERS,
     seed: int = 0,
+    labels: Sequence["LabelTable"] = (),
 ) -> LayerScores:
-    """The seven metrics for one layer's features (rows aligned with the samples)."""
+    """The seven metrics for one layer's features (rows aligned with the samples), then one
+    per annotated label table (:mod:`musicbert.custom_labels`), in the tables' order."""
     if protocol not in PROTOCOLS:
         raise ProbeError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
     train_x = np.asarray(train_x, dtype=np.float32)
@@ -519,9 +536,11 @@ def score_layer(
         put("mean_velocity", _probe_regression("mean_velocity", train_x, train.velocity, test_x, test.velocity))
         put("mean_duration", _probe_regression("mean_duration", train_x, train.duration, test_x, test.duration))
         value, k, note = _clustering(train_x, test_x, test.song, clusters, protocol, seed)
+        for table in labels:  # annotated labels (--labels)
+            put(table.name, table.score(train_x, train, test_x, test))
     out.clusters = k
     put("song_clustering", (value, note))
-    out.values = {m: out.values[m] for m in METRICS}
+    out.values = {m: out.values[m] for m in (*METRICS, *(t.name for t in labels))}
     return out
 
 
@@ -559,8 +578,10 @@ def probe_model(
     batch_tokens: int = 16384,
     precision: str = "fp32",
     progress: bool = False,
+    labels: Sequence["LabelTable"] = (),
 ) -> ProbeResult:
-    """Sample, extract features and score every chosen layer, ``repeats`` times."""
+    """Sample, extract features and score every chosen layer, ``repeats`` times (the seven
+    metrics, then one per table of ``labels``)."""
     if protocol not in PROTOCOLS:
         raise ProbeError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
     bare = unwrap(model)
@@ -570,14 +591,15 @@ def probe_model(
     for split, sets in ((train_split, train_sets), (test_split, test_sets)):
         if len(sets[0]) == 0:
             raise ProbeError(f"split {split!r} of {shards_dir} has no bars to probe with")
-    values: dict[int, dict[str, list[float]]] = {l: {m: [] for m in METRICS} for l in layer_list}
+    names = (*METRICS, *(t.name for t in labels))
+    values: dict[int, dict[str, list[float]]] = {l: {m: [] for m in names} for l in layer_list}
     notes: list[str] = []
     clusters_used: list[int] = []
     for r, (train, test) in enumerate(zip(train_sets, test_sets)):
         desc = f"features (repeat {r + 1}/{repeats})" if repeats > 1 else "features"
         feats = encode_bars(bare, train.bars + test.bars, layer_list, device, batch_tokens, precision, progress, desc)
         for li, layer in enumerate(layer_list):
-            scores = score_layer(feats[li, : len(train)], train, feats[li, len(train) :], test, protocol, clusters, seed + r)
+            scores = score_layer(feats[li, : len(train)], train, feats[li, len(train) :], test, protocol, clusters, seed + r, labels)
             for m, v in scores.values.items():
                 values[layer][m].append(v)
             notes += [f"layer {layer} repeat {r + 1}: {n}" for n in scores.notes]

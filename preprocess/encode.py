@@ -45,6 +45,7 @@ def song_from_midifile(midi: miditoolkit.MidiFile, rel_path: str, limits: Limits
         tempo=labels.tempo,
         velocity=labels.velocity,
         duration=labels.duration,
+        first_bar=remi.first_bar,
     )
     song.validate()
     return song
