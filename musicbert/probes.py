@@ -39,6 +39,8 @@ Metrics (names as in ``metrics.json``; ``HIGHER_IS_BETTER`` gives the direction)
         reference's 1000 clusters had ~700 training bars each); the k used is reported.
     Features are standardised with the mean and standard deviation of the training rows the
     probe is fitted on (a constant feature is left unscaled instead of divided by 0).
+    Annotated labels (``evaluate --labels``) add one metric each after these, probed with
+    the same helpers: :mod:`musicbert.custom_labels`.
 
 Protocols
     ``standard`` (default)
