@@ -7,6 +7,7 @@
         [--random-init] [--seed 0] [--device auto|cpu|cuda] [--clusters 1000] [--max-songs N]
         [--train-bars 5] [--test-bars 10] [--precision auto|fp32|bf16] [--batch-tokens N]
         [--work-dir DIR] [--threads N]
+        [--labels [NAME=]FILE.csv ...]
     python -m musicbert.evaluate --compare A/metrics.json B/metrics.json [--names A B]
 
 ``--checkpoint`` is a ``.pt`` file or a run folder (its newest valid checkpoint).
@@ -30,6 +31,11 @@ Outputs in ``--out``:
 ``metrics.md``    the same as a table;
 ``layers.png``    each metric against layer.
 
+``--labels [NAME=]FILE.csv`` (repeatable) adds one metric per file, probed on the same bars:
+annotated labels per bar or per song (format and scoring in :mod:`musicbert.custom_labels`).
+Its values sit beside the seven in ``metrics.json`` (and its direction in ``better``); what
+matched the shards and what did not is under ``"labels": {NAME: {...}}``.
+
 Cost: memory is bounded by one layer, not by the whole feature set. Per repeat the
 features of all chosen layers, (train + test bars) x layers x dim x 4 bytes, go to a
 temporary file in ``--work-dir`` (default: a folder inside ``--out``, removed at the end;
@@ -50,6 +56,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +65,6 @@ from musicbert.probes import (
     CPU_BATCH_TOKENS,
     DEFAULT_CLUSTERS,
     HIGHER_IS_BETTER,
-    METRICS,
     PRECISIONS,
     PROTOCOLS,
     TEST_BARS_PER_SONG,
@@ -100,13 +106,16 @@ def evaluate(
     train_bars_per_song: int = TRAIN_BARS_PER_SONG,
     test_bars_per_song: int = TEST_BARS_PER_SONG,
     work_dir: str | Path | None = None,
+    labels: Sequence[str] = (),
 ) -> dict:
     """Run the evaluation and return the ``metrics.json`` dict; with ``out``, write the three files.
 
     The features go to a temporary folder inside ``work_dir`` (default: ``out``, else the
-    system's temporary folder), removed at the end.
+    system's temporary folder), removed at the end. ``labels``: ``[NAME=]FILE.csv`` specs of
+    annotated labels (:mod:`musicbert.custom_labels`).
     """
     from musicbert.api import load_model
+    from musicbert.custom_labels import load_label_tables
     from musicbert.probes import resolve_device, resolve_precision
 
     if repeats < 1:
@@ -114,6 +123,7 @@ def evaluate(
     started = time.time()
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    tables = load_label_tables(labels, shards)
     model, info = load_model(checkpoint, random_init=random_init, seed=seed)
     work_root = work_dir if work_dir is not None else out
     if work_root is not None:
@@ -123,12 +133,14 @@ def evaluate(
             model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
             max_songs=max_songs, batch_tokens=batch_tokens, precision=precision, progress=progress,
             train_per_song=train_bars_per_song, test_per_song=test_bars_per_song, work_dir=features_dir,
+            labels=tables,
         )
     import sklearn
 
+    higher = {**HIGHER_IS_BETTER, **{t.name: t.higher_is_better for t in tables}}
     metrics = {
-        "layers": {str(l): {m: summarise(result.values[l][m]) for m in METRICS} for l in result.layers},
-        "better": {m: "higher" if HIGHER_IS_BETTER[m] else "lower" for m in METRICS},
+        "layers": {str(l): {m: summarise(v) for m, v in result.values[l].items()} for l in result.layers},
+        "better": {m: "higher" if higher[m] else "lower" for m in higher},
         "settings": {
             "checkpoint": info["checkpoint"],
             "step": info["step"],
@@ -157,6 +169,8 @@ def evaluate(
             "notes": sorted(set(result.notes)),
         },
     }
+    if tables:
+        metrics["labels"] = {t.name: t.summary for t in tables}
     if out is not None:
         write_outputs(metrics, out)
     return metrics
@@ -199,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=None,
                    help="folder for the temporary feature file (default: --out); it needs (bars x layers x dim x 4) bytes")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: PyTorch's choice)")
+    p.add_argument("--labels", action="append", default=[], metavar="[NAME=]FILE.csv",
+                   help="annotated labels (columns path,[bar,]label) to probe as one more metric, named NAME or "
+                        "after the file; repeatable (see musicbert.custom_labels)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two metrics.json side by side and exit")
     p.add_argument("--names", nargs=2, metavar=("A", "B"), help="with --compare: column names")
     args = p.parse_args(argv)
@@ -225,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             random_init=args.random_init, seed=args.seed, device=args.device, clusters=args.clusters,
             max_songs=args.max_songs, precision=args.precision, batch_tokens=args.batch_tokens, progress=True,
             train_bars_per_song=args.train_bars, test_bars_per_song=args.test_bars, work_dir=args.work_dir,
+            labels=args.labels,
         )
     except (ProbeError, ModelLoadError, ShardFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -238,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{s['repeats']} repeats, {s['train_songs']}/{s['test_songs']} train/test songs, "
         f"k = {s['clusters_used']}, {s['seconds']} s; wrote {Path(args.out) / 'metrics.json'}, metrics.md, layers.png"
     )
+    for name, info in metrics.get("labels", {}).items():
+        print(f"labels {name}: {info['kind']} ({info['metric']}), {info['matched']} of {info['labelled']} labelled "
+              f"songs/bars matched; {info['unknown_paths']} unknown path(s), "
+              f"{info['bars_before_song'] + info['bars_after_song']} bar(s) outside their song, {info['bars_not_kept']} not kept")
     return 0
 
 

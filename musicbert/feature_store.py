@@ -52,6 +52,20 @@ class ArrayRows:
         return self.x.copy() if mask is None else self.x[mask]
 
 
+class SubsetRows:
+    """:class:`FeatureRows` over some rows (``index``) of another :class:`FeatureRows`."""
+
+    def __init__(self, rows: FeatureRows, index: np.ndarray) -> None:
+        self.rows, self.index = rows, np.asarray(index, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.index), self.rows.shape[1]
+
+    def take(self, mask: np.ndarray | None = None) -> np.ndarray:
+        return self.rows.take(self.index if mask is None else self.index[mask])
+
+
 def as_rows(x: np.ndarray | FeatureRows) -> FeatureRows:
     """Arrays (and array-likes) are wrapped as float32 :class:`ArrayRows`; :class:`FeatureRows` pass through."""
     if isinstance(x, np.ndarray) or not hasattr(x, "take"):

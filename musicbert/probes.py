@@ -42,6 +42,8 @@ Metrics (names as in ``metrics.json``; ``HIGHER_IS_BETTER`` gives the direction)
         reference's 1000 clusters had ~700 training bars each); the k used is reported.
     Features are standardised with the mean and standard deviation of the training rows the
     probe is fitted on (a constant feature is left unscaled instead of divided by 0).
+    Annotated labels (``evaluate --labels``) add one metric each after these, probed with
+    the same helpers: :mod:`musicbert.custom_labels`.
 
 Protocols
     ``standard`` (default)
@@ -73,6 +75,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -81,6 +84,9 @@ from musicbert.feature_store import FeatureRows, FeatureStore, as_rows
 from musicbert.packing import pack_bars
 from musicbert.shards import N_CHORDS, N_INSTRUMENTS, read_manifest
 from musicbert.vocab import GM_PROGRAM_NAMES, TEMPO_BINS, VOCAB
+
+if TYPE_CHECKING:
+    from musicbert.custom_labels import LabelTable
 
 METRICS = ("chords", "groove", "instruments", "tempo", "mean_velocity", "mean_duration", "song_clustering")
 HIGHER_IS_BETTER = {
@@ -537,20 +543,28 @@ def _probe_multilabel(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte,
     return value, None
 
 
+def _probe_accuracy(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte) -> tuple[float, str | None]:
+    """Multi-class ridge classifier over the classes seen in training; accuracy of its argmax."""
+    from sklearn.linear_model import RidgeClassifier
+
+    if len(ytr) < 2 or len(yte) == 0:
+        return float("nan"), f"{name}: too few bars"
+    xtr, xte = standardise(train_x.take(), test_x.take())
+    clf = RidgeClassifier(alpha=ALPHA, copy_X=False).fit(xtr, np.asarray(ytr, dtype=np.int64))
+    return float(np.mean(clf.predict(xte) == np.asarray(yte, dtype=np.int64))), None
+
+
 def _probe_tempo(train_x: FeatureRows, ttr, test_x: FeatureRows, tte, protocol) -> tuple[float, str | None]:
     from sklearn.linear_model import RidgeClassifier
 
+    if protocol == "standard":
+        return _probe_accuracy("tempo", train_x, ttr, test_x, tte)
     if len(ttr) < 2 or len(tte) == 0:
         return float("nan"), "tempo: too few bars"
     xtr, xte = standardise(train_x.take(), test_x.take())
-    ttr = np.asarray(ttr, dtype=np.int64)
-    tte = np.asarray(tte, dtype=np.int64)
-    if protocol == "reference":
-        onehot = np.eye(N_TEMPO, dtype=np.int64)[ttr]
-        clf = RidgeClassifier(alpha=ALPHA, copy_X=False).fit(xtr, onehot)
-        return tempo_accuracy_reference(clf.decision_function(xte), tte), None
-    clf = RidgeClassifier(alpha=ALPHA, copy_X=False).fit(xtr, ttr)
-    return float(np.mean(clf.predict(xte) == tte)), None
+    onehot = np.eye(N_TEMPO, dtype=np.int64)[np.asarray(ttr, dtype=np.int64)]
+    clf = RidgeClassifier(alpha=ALPHA, copy_X=False).fit(xtr, onehot)
+    return tempo_accuracy_reference(clf.decision_function(xte), np.asarray(tte, dtype=np.int64)), None
 
 
 def _probe_regression(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte) -> tuple[float, str | None]:
@@ -587,8 +601,10 @@ def score_layer(
     protocol: str = "standard",
     clusters: int = DEFAULT_CLUSTERS,
     seed: int = 0,
+    labels: Sequence["LabelTable"] = (),
 ) -> LayerScores:
-    """The seven metrics for one layer's features (rows aligned with the samples).
+    """The seven metrics for one layer's features (rows aligned with the samples), then one
+    per annotated label table (:mod:`musicbert.custom_labels`), in the tables' order.
 
     The features are arrays (made float32) or :class:`~musicbert.feature_store.FeatureRows`
     (for example a layer of a :class:`~musicbert.feature_store.FeatureStore`); each probe
@@ -617,9 +633,11 @@ def score_layer(
         put("mean_velocity", _probe_regression("mean_velocity", train_x, train.velocity, test_x, test.velocity))
         put("mean_duration", _probe_regression("mean_duration", train_x, train.duration, test_x, test.duration))
         value, k, note = _clustering(train_x, test_x, test.song, clusters, protocol, seed)
+        for table in labels:  # annotated labels (--labels)
+            put(table.name, table.score(train_x, train, test_x, test))
     out.clusters = k
     put("song_clustering", (value, note))
-    out.values = {m: out.values[m] for m in METRICS}
+    out.values = {m: out.values[m] for m in (*METRICS, *(t.name for t in labels))}
     return out
 
 
@@ -665,8 +683,10 @@ def probe_model(
     precision: str = "fp32",
     progress: bool = False,
     work_dir: str | Path | None = None,
+    labels: Sequence["LabelTable"] = (),
 ) -> ProbeResult:
-    """Sample, extract features and score every chosen layer, ``repeats`` times.
+    """Sample, extract features and score every chosen layer, ``repeats`` times (the seven
+    metrics, then one per table of ``labels``).
 
     Memory stays bounded as the corpus grows: one repeat is sampled at a time (each split is
     read once per repeat; the bars are copied out of their songs), its features go to a
@@ -681,7 +701,8 @@ def probe_model(
         raise ProbeError(f"repeats ({repeats}) must be >= 1")
     bare = unwrap(model)
     layer_list = parse_layers(layers, bare.cfg.n_layers)
-    values: dict[int, dict[str, list[float]]] = {l: {m: [] for m in METRICS} for l in layer_list}
+    names = (*METRICS, *(t.name for t in labels))
+    values: dict[int, dict[str, list[float]]] = {l: {m: [] for m in names} for l in layer_list}
     notes: list[str] = []
     clusters_used: list[int] = []
     sizes: dict[str, list[int]] = {"train_songs": [], "test_songs": [], "train_bars": [], "test_bars": []}
@@ -702,7 +723,7 @@ def probe_model(
             per_layer = list(enumerate(layer_list))
             for li, layer in stage_progress(per_layer, f"{stage}probes", "layer", len(per_layer)) if progress else per_layer:
                 scores = score_layer(store.layer(li, np.arange(n_train)), train, store.layer(li, np.arange(n_train, n_all)), test,
-                                     protocol, clusters, seed + r)
+                                     protocol, clusters, seed + r, labels)
                 for m, v in scores.values.items():
                     values[layer][m].append(v)
                 notes += [f"layer {layer} repeat {r + 1}: {n}" for n in scores.notes]

@@ -6,7 +6,9 @@
      "better": {"chords": "higher", ..., "song_clustering": "lower"},
      "settings": {...}}
 
-A value that is undefined on the sample is ``null``. Compare two files (e.g. a trained model
+A value that is undefined on the sample is ``null``. Annotated-label metrics (``--labels``)
+follow the seven in each layer, with their direction in ``better`` and what they are under
+``"labels"``; every function here takes the metric list and directions from the file. Compare two files (e.g. a trained model
 and its random-init baseline) with::
 
     python -m musicbert.report A/metrics.json B/metrics.json [--names trained random-init]
@@ -33,24 +35,46 @@ def _fmt(x, digits: int = 3) -> str:
     return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
 
 
-def arrow(metric: str) -> str:
-    return "↑" if HIGHER_IS_BETTER[metric] else "↓"
+def higher_is_better(metric: str, metrics: dict | None = None) -> bool:
+    """The metric's direction: from the file's ``better`` (annotated labels), else the seven's."""
+    better = (metrics or {}).get("better", {})
+    return better[metric] == "higher" if metric in better else HIGHER_IS_BETTER[metric]
+
+
+def arrow(metric: str, metrics: dict | None = None) -> str:
+    return "↑" if higher_is_better(metric, metrics) else "↓"
 
 
 def layer_numbers(metrics: dict) -> list[int]:
     return sorted(int(k) for k in metrics["layers"])
 
 
+def label_metrics(metrics: dict) -> list[str]:
+    """The annotated-label metrics of a file (``--labels``), in their order."""
+    return list(metrics.get("labels", {}))
+
+
+def metric_names(metrics: dict) -> list[str]:
+    """The seven metrics, then the file's annotated-label metrics."""
+    return [*METRICS, *label_metrics(metrics)]
+
+
+def metric_kind(metric: str, metrics: dict) -> str:
+    labels = metrics.get("labels", {})
+    return labels[metric]["metric"] if metric in labels else METRIC_KIND[metric]
+
+
 def markdown_table(metrics: dict) -> str:
     """Layers as rows, metrics as columns (``mean ± std``); the best layer of each metric in bold."""
     layers = layer_numbers(metrics)
-    best = {m: best_layer(metrics, m)[0] for m in METRICS}
-    head = "| layer | " + " | ".join(f"{m} {arrow(m)}" for m in METRICS) + " |"
-    sep = "|---:|" + "---:|" * len(METRICS)
+    names = metric_names(metrics)
+    best = {m: best_layer(metrics, m)[0] for m in names}
+    head = "| layer | " + " | ".join(f"{m} {arrow(m, metrics)}" for m in names) + " |"
+    sep = "|---:|" + "---:|" * len(names)
     lines = [head, sep]
     for layer in layers:
         cells = []
-        for m in METRICS:
+        for m in names:
             cell = metrics["layers"][str(layer)][m]
             text = _fmt(cell["mean"]) + ("" if cell.get("std") is None else f" ± {_fmt(cell['std'])}")
             cells.append(f"**{text}**" if best[m] == layer else text)
@@ -60,7 +84,7 @@ def markdown_table(metrics: dict) -> str:
 
 def markdown_report(metrics: dict, title: str = "Probing results") -> str:
     s = metrics.get("settings", {})
-    kinds = ", ".join(f"{m}: {METRIC_KIND[m]}" for m in METRICS)
+    kinds = ", ".join(f"{m}: {metric_kind(m, metrics)}" for m in metric_names(metrics))
     lines = [
         f"# {title}",
         "",
@@ -75,15 +99,34 @@ def markdown_report(metrics: dict, title: str = "Probing results") -> str:
         markdown_table(metrics),
         "",
     ]
+    lines += label_report(metrics)
     notes = s.get("notes") or []
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes[:20]] + ([f"- ... and {len(notes) - 20} more"] if len(notes) > 20 else []) + [""]
     return "\n".join(lines)
 
 
+def label_report(metrics: dict) -> list[str]:
+    """Lines on the annotated labels: what each file is and how much of it matched the shards."""
+    labels = metrics.get("labels", {})
+    if not labels:
+        return []
+    lines = ["Annotated labels (`--labels`):", ""]
+    for name, s in labels.items():
+        outside = s["bars_before_song"] + s["bars_after_song"]
+        lines.append(
+            f"- {name}: `{s['file']}`, {s['kind']} ({s['metric']}), {s['level']} level, {s['classes']} classes; "
+            f"{s['matched']} of {s['labelled']} labelled songs/bars matched; {s['unknown_paths']} unknown path(s)"
+            f"{' (e.g. ' + ', '.join(s['unknown_path_examples']) + ')' if s['unknown_paths'] else ''}, "
+            f"{outside} bar(s) outside their song, {s['bars_not_kept']} on bars not kept"
+        )
+    return lines + [""]
+
+
 def plot_layers(metrics: dict, path: str | Path, title: str | None = None) -> None:
     """Each metric against layer (mean, std as error bars), like the paper's figure:
-    left the [0, 1] metrics (AUCs, accuracy, entropy), then the two RMSEs (different units)."""
+    left the [0, 1] metrics (AUCs, accuracy, entropy), then the two RMSEs (different units),
+    then, when there are any, the annotated-label metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,13 +138,18 @@ def plot_layers(metrics: dict, path: str | Path, title: str | None = None) -> No
         ("RMSE (MIDI velocity)", ("mean_velocity",)),
         ("RMSE (duration bins)", ("mean_duration",)),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [2, 1, 1]})
+    if label_metrics(metrics):
+        groups += (("annotated labels: " + ", ".join(sorted({metric_kind(m, metrics) for m in label_metrics(metrics)})),
+                    tuple(label_metrics(metrics))),)
+    ratios = [2, 1, 1, 2][: len(groups)]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * sum(ratios), 4.2), gridspec_kw={"width_ratios": ratios})
+    names_all = metric_names(metrics)
     for ax, (ylabel, names) in zip(axes, groups):
         for m in names:
             mean = [_num(metrics["layers"][str(l)][m]["mean"]) for l in layers]
             std = [_num(metrics["layers"][str(l)][m].get("std")) for l in layers]
             std = [0.0 if math.isnan(s) else s for s in std]
-            ax.errorbar(layers, mean, yerr=std, marker="o", capsize=3, color=f"C{METRICS.index(m)}", label=f"{m} {arrow(m)}")
+            ax.errorbar(layers, mean, yerr=std, marker="o", capsize=3, color=f"C{names_all.index(m)}", label=f"{m} {arrow(m, metrics)}")
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
         ax.set_xticks(layers)
@@ -123,7 +171,7 @@ def best_layer(metrics: dict, metric: str) -> tuple[int | None, float]:
         v = _num(metrics["layers"][str(layer)][metric]["mean"])
         if math.isnan(v):
             continue
-        if best_l is None or (v > best_v if HIGHER_IS_BETTER[metric] else v < best_v):
+        if best_l is None or (v > best_v if higher_is_better(metric, metrics) else v < best_v):
             best_l, best_v = layer, v
     return best_l, best_v
 
@@ -135,17 +183,18 @@ def default_name(metrics: dict, fallback: str) -> str:
     return f"step {s['step']}" if "step" in s else fallback
 
 
-def _winner(a: float, b: float, metric: str, names: tuple[str, str]) -> str:
+def _winner(a: float, b: float, higher: bool, names: tuple[str, str]) -> str:
     if math.isnan(a) or math.isnan(b):
         return "n/a"
     if a == b:
         return "tie"
-    a_better = a > b if HIGHER_IS_BETTER[metric] else a < b
+    a_better = a > b if higher else a < b
     return names[0] if a_better else names[1]
 
 
 def compare(a: dict, b: dict, names: tuple[str, str] | None = None) -> str:
-    """A markdown table of two results side by side: best layer and last layer per metric."""
+    """A markdown table of two results side by side: best layer and last layer per metric
+    (the seven, then the annotated-label metrics both files have)."""
     names = names or (default_name(a, "A"), default_name(b, "B"))
     if names[0] == names[1]:
         names = (f"{names[0]} (A)", f"{names[1]} (B)")
@@ -155,15 +204,16 @@ def compare(a: dict, b: dict, names: tuple[str, str] | None = None) -> str:
         f"{names[0]}: layer {last_a} | {names[1]}: layer {last_b} | winner (last) |",
         "|---|:---:|---:|---:|---|---:|---:|---|",
     ]
-    for m in METRICS:
+    for m in [*METRICS, *(x for x in label_metrics(a) if x in label_metrics(b))]:
         la, va = best_layer(a, m)
         lb, vb = best_layer(b, m)
         xa = _num(a["layers"][str(last_a)][m]["mean"])
         xb = _num(b["layers"][str(last_b)][m]["mean"])
-        better = "higher ↑" if HIGHER_IS_BETTER[m] else "lower ↓"
+        higher = higher_is_better(m, a)
+        better = "higher ↑" if higher else "lower ↓"
         lines.append(
-            f"| {m} | {better} | {_fmt(va)} ({la}) | {_fmt(vb)} ({lb}) | {_winner(va, vb, m, names)} | "
-            f"{_fmt(xa)} | {_fmt(xb)} | {_winner(xa, xb, m, names)} |"
+            f"| {m} | {better} | {_fmt(va)} ({la}) | {_fmt(vb)} ({lb}) | {_winner(va, vb, higher, names)} | "
+            f"{_fmt(xa)} | {_fmt(xb)} | {_winner(xa, xb, higher, names)} |"
         )
     return "\n".join(lines)
 

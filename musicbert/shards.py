@@ -17,8 +17,14 @@ groove.npy     uint8    (n_bars, 48)     multi-hot onset positions used in the b
 tempo.npy      uint8    (n_bars,)        tempo bin index (0..31) of the bar
 velocity.npy   float32  (n_bars,)        mean raw MIDI velocity of the bar's notes
 duration.npy   float32  (n_bars,)        mean duration-bin index of the bar's notes
-song.json      -        -                ``{"id", "path", "n_bars"}``
+song.json      -        -                ``{"id", "path", "n_bars", "first_bar"}``
 ============== ======== ================ ==============================================
+
+``first_bar`` is the bar of the MIDI file, counted in 4/4 bars from tick 0, that
+``bar_index`` 0 stands for (the bar of the song's first note): bar ``bar_index[b] +
+first_bar`` of the file is kept bar ``b``. It maps annotations made on the score to kept
+bars (:mod:`musicbert.custom_labels`). Shards written before it was recorded lack the key
+(``Song.first_bar`` is then ``None``); everything else reads them as before.
 
 Nothing is pickled: arrays are decoded with ``allow_pickle=False``.
 """
@@ -91,6 +97,7 @@ class Song:
     tempo: np.ndarray
     velocity: np.ndarray
     duration: np.ndarray
+    first_bar: int | None = None  # file bar (from tick 0) of bar_index 0; None in older shards
 
     @property
     def n_bars(self) -> int:
@@ -124,7 +131,10 @@ class Song:
             buf = io.BytesIO()
             np.save(buf, getattr(self, name), allow_pickle=False)
             sample[f"{name}.npy"] = buf.getvalue()
-        sample["song.json"] = json.dumps({"id": self.id, "path": self.path, "n_bars": self.n_bars}).encode()
+        meta = {"id": self.id, "path": self.path, "n_bars": self.n_bars}
+        if self.first_bar is not None:
+            meta["first_bar"] = int(self.first_bar)
+        sample["song.json"] = json.dumps(meta).encode()
         return sample
 
     @classmethod
@@ -151,6 +161,7 @@ class Song:
             tokens=array("tokens"),
             offsets=array("offsets"),
             **{name: array(name) for name in _LABELS},
+            first_bar=None if meta.get("first_bar") is None else int(meta["first_bar"]),
         )
         song.validate()
         return song

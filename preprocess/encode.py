@@ -44,6 +44,7 @@ def song_from_midifile(midi: ParsedMidi, rel_path: str, limits: Limits = Limits(
         tempo=labels.tempo,
         velocity=labels.velocity,
         duration=labels.duration,
+        first_bar=remi.first_bar,
     )
     song.validate()
     return song

@@ -6,13 +6,24 @@ Tests that read the development corpus in ``../shared/data`` skip where it is ab
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import miditoolkit
 import pytest
+
+from preprocess.midi import ParsedMidi, parse_midi_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_MIDI = REPO / "examples" / "midi"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def reparse(m: miditoolkit.MidiFile) -> ParsedMidi:
+    """A file built with miditoolkit, written to bytes and read back as the preprocessor reads files."""
+    buf = io.BytesIO()
+    m.dump(file=buf)
+    return parse_midi_bytes(buf.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,9 +22,12 @@ def tiny_model(seed: int = 0) -> MusicBERT:
         return MusicBERT(cfg.model)
 
 
-def tiny_checkpoint(run_dir: Path, seed: int = 0, step: int = 0) -> Path:
-    """A run folder holding one checkpoint of a tiny, untrained model; returns the .pt path."""
-    cfg = load_config(None, TINY + [f"run_dir={run_dir}"])
-    model = tiny_model(seed)
+def tiny_checkpoint(run_dir: Path, seed: int = 0, step: int = 0, overrides: Sequence[str] = ()) -> Path:
+    """A run folder holding one checkpoint of a tiny, untrained model (``overrides``: more
+    config overrides, e.g. a wider ``model.dim``); returns the .pt path."""
+    cfg = load_config(None, TINY + list(overrides) + [f"run_dir={run_dir}"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MusicBERT(cfg.model)
     state = {"model": model.state_dict(), "config": cfg.to_dict(), "vocab_sha256": VOCAB.sha256}
     return save_checkpoint(run_dir, step, state, keep=2)

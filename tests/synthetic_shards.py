@@ -74,6 +74,23 @@ def make_shards(root: Path, splits: dict[str, list[int]], seed: int = 0, bars: t
                     n_songs, n_bars, n_tokens = n_songs + 1, n_bars + song.n_bars, n_tokens + len(song.tokens)
             names.append(name)
         infos[split] = SplitInfo(n_songs, n_bars, n_tokens, tuple(names))
+    return _write_manifest(root, infos)
+
+
+def write_song_shards(root: Path, splits: dict[str, list[Song]]) -> Path:
+    """Write given songs (e.g. from ``preprocess.encode.song_from_midifile``): one shard per split, and the manifest."""
+    root.mkdir(parents=True, exist_ok=True)
+    infos = {}
+    for split, songs in splits.items():
+        name = f"{split}-000000.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for song in songs:
+                sink.write(song.to_sample())
+        infos[split] = SplitInfo(len(songs), sum(s.n_bars for s in songs), sum(len(s.tokens) for s in songs), (name,))
+    return _write_manifest(root, infos)
+
+
+def _write_manifest(root: Path, infos: dict[str, SplitInfo]) -> Path:
     manifest = Manifest(root, infos, len(VOCAB), VOCAB.sha256, {"synthetic": True})
     (root / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=1))
     return root

@@ -12,7 +12,7 @@ import miditoolkit
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES_MIDI
+from conftest import EXAMPLES_MIDI, reparse
 from musicbert.shards import chord_index
 from musicbert.vocab import DURATION_BINS, TEMPO_BINS, VELOCITY_BINS, VOCAB
 from preprocess.encode import song_from_midi, song_from_midifile, song_id
@@ -40,12 +40,6 @@ def make_midi(tracks, tpb=480, tempos=((0, 120.0),), time_signatures=()) -> midi
         m.instruments.append(inst)
     m.max_tick = max((n.end for i in m.instruments for n in i.notes), default=0)
     return m
-
-
-def reparse(m: miditoolkit.MidiFile) -> miditoolkit.MidiFile:
-    buf = io.BytesIO()
-    m.dump(file=buf)
-    return parse_midi_bytes(buf.getvalue())
 
 
 def encode(m, **kw):
