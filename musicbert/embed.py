@@ -24,7 +24,7 @@ bar_index        [n]                      index of the bar among its song's bars
 files            [n_files]                paths of the embedded files
 rejected_files   [n_rejected]             paths of the files that could not be used
 rejected_reasons [n_rejected]             reason codes (``not_4_4``, ``not_midi``, ...; see
-                                          ``preprocess/errors.py``)
+                                          ``musicbert/tokenizer/errors.py``)
 rejected_messages [n_rejected]            the explanation, one line each
 ================ ======================== ==========================================
 """

@@ -82,7 +82,9 @@ import torch
 
 from musicbert.feature_store import FeatureRows, FeatureStore, as_rows
 from musicbert.packing import pack_bars
-from musicbert.shards import N_CHORDS, N_INSTRUMENTS, read_manifest
+from musicbert.label_schema import N_INSTRUMENTS
+from musicbert.shards import read_manifest
+from musicbert.tokenizer.chords import N_CHORDS
 from musicbert.vocab import GM_PROGRAM_NAMES, TEMPO_BINS, VOCAB
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from musicbert.shards import SPLITS
-from preprocess.encode import song_from_midifile, song_id
-from preprocess.midi import Limits, read_midi
+from musicbert.tokenizer.encode import song_from_midifile, song_id
+from musicbert.tokenizer.midi import Limits, read_midi
 from preprocess.pool import TaskPool, run_in_process
 from preprocess.shards import ErrorLog, OutputDir, SplitWriter, assign_split, write_manifest
 

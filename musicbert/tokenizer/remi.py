@@ -8,7 +8,7 @@ One bar (4/4, 48 grid positions) is::
 
 Notes are sorted by (onset, drums before pitched instruments, program, pitch); exact ties
 keep the reference's order: by raw onset tick, then by the reader's instrument number and
-closing order (:mod:`preprocess.midi`), which is the order in which the reference's stable
+closing order (:mod:`musicbert.tokenizer.midi`), which is the order in which the reference's stable
 sorts leave them. A note belongs to the bar of its
 snapped onset. The song's bars run from the bar of its first note to the bar of its last
 note (empty bars at the start and end are dropped; ``bar_index`` counts from the first).
@@ -38,8 +38,8 @@ from musicbert.vocab import (
     VELOCITY_BINS,
     VOCAB,
 )
-from preprocess.errors import MidiRejected
-from preprocess.midi import Limits, NoteTable, nearest_bin
+from musicbert.tokenizer.errors import MidiRejected
+from musicbert.tokenizer.midi import Limits, NoteTable, nearest_bin
 
 MIN_BAR_TOKENS = 30
 HEADER = 3  # Bar_0 Position_0 Tempo_t
