@@ -32,7 +32,7 @@ import torch
 from musicbert.checkpoint import CheckpointError, resolve
 from musicbert.config import config_from_dict
 from musicbert.model import MusicBERT
-from musicbert.probes import encode_bars, parse_layers, resolve_device
+from musicbert.inference import encode_bars, parse_layers, resolve_device
 from musicbert.tokenizer.encode import song_from_midi
 from musicbert.tokenizer.errors import MidiRejected
 from musicbert.vocab import VOCAB
