@@ -32,10 +32,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from musicbert.tokenizer.chords import PITCH_CLASS_OF_NAME, chord_index  # noqa: E402
-from musicbert.vocab import POSITIONS_PER_BEAT  # noqa: E402
-from musicbert.tokenizer.chords import ChordSegment, beat_chroma, recognise_chords  # noqa: E402
+from musicbert.tokenizer.chords import (  # noqa: E402
+    PITCH_CLASS_OF_NAME,
+    ChordSegment,
+    beat_chroma,
+    chord_index,
+    recognise_chords,
+)
 from musicbert.tokenizer.midi import ParsedMidi, note_table, read_midi, tempo_map  # noqa: E402
+from musicbert.vocab import POSITIONS_PER_BEAT  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "labelled_pop909_dev_001-150"
 _QUALITIES = {"maj": "maj", "min": "min", "dim": "dim", "aug": "aug", "7": "dom7", "maj7": "maj7", "min7": "min7"}

@@ -31,8 +31,8 @@ import torch
 
 from musicbert.checkpoint import CheckpointError, resolve
 from musicbert.config import config_from_dict
-from musicbert.model import MusicBERT
 from musicbert.inference import encode_bars, parse_layers, resolve_device
+from musicbert.model import MusicBERT
 from musicbert.tokenizer.encode import song_from_midi
 from musicbert.tokenizer.errors import MidiRejected
 from musicbert.vocab import VOCAB

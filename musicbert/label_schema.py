@@ -1,9 +1,10 @@
 """The per-bar labels, declared once: name, dtype and width of each (SPEC §3).
 
-The shard format (:mod:`musicbert.shards`: one ``<name>.npy`` member per label), the
-labeller (:class:`musicbert.tokenizer.labels.BarLabels`) and the probes' samples
-(:class:`musicbert.probes.BarSample`) read their labels' shapes and types from
-:data:`BAR_LABELS`; their fields carry the same names in the same order (a test checks it).
+:data:`BAR_LABELS` gives each label's shape and type; :class:`BarLabels` holds one array per
+label. The labeller (:mod:`musicbert.tokenizer.labels`) returns a :class:`BarLabels`, and
+the shard format's :class:`~musicbert.shards.Song` (one ``<name>.npy`` member per label)
+and the probes' :class:`~musicbert.probes.BarSample` are :class:`BarLabels` with more
+fields, so the label fields are written once, here (a test checks them against the table).
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ BAR_LABELS: tuple[LabelField, ...] = (
     LabelField("duration", _F32, None, "mean duration-bin index of the bar's notes"),
 )
 LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in BAR_LABELS)
+
+
+@dataclass
+class BarLabels:
+    """One array per label of :data:`BAR_LABELS`, row ``i`` for bar ``i``."""
+
+    instruments: np.ndarray
+    chords: np.ndarray
+    groove: np.ndarray
+    tempo: np.ndarray
+    velocity: np.ndarray
+    duration: np.ndarray
+
+    def label_arrays(self) -> dict[str, np.ndarray]:
+        """``{label name: array}`` in the schema's order (the arrays themselves, not copies)."""
+        return {name: getattr(self, name) for name in LABEL_NAMES}
+
 
 #: Where a kept bar stands among its song's bars; stored and sampled beside the labels.
 BAR_INDEX = LabelField("bar_index", np.dtype(np.int32), None, "index of each kept bar among the song's bars")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musicbert.label_schema import BAR_INDEX, BAR_LABELS
+from musicbert.label_schema import BAR_INDEX, BAR_LABELS, BarLabels
 from musicbert.vocab import VOCAB
 
 FORMAT_NAME = "musicbert-shards"
@@ -57,20 +57,15 @@ class ShardFormatError(ValueError):
 
 
 @dataclass
-class Song:
-    """One song's kept bars with their per-bar labels (see the module docstring)."""
+class Song(BarLabels):
+    """One song's kept bars with their per-bar labels (the label fields of :class:`BarLabels`;
+    see the module docstring). Build it with keywords."""
 
     id: str
     path: str
     tokens: np.ndarray
     offsets: np.ndarray
     bar_index: np.ndarray
-    instruments: np.ndarray
-    chords: np.ndarray
-    groove: np.ndarray
-    tempo: np.ndarray
-    velocity: np.ndarray
-    duration: np.ndarray
     first_bar: int | None = None  # file bar (from tick 0) of bar_index 0; None in older shards
 
     @property

@@ -14,11 +14,11 @@ import pytest
 
 from conftest import EXAMPLES_MIDI, reparse
 from musicbert.tokenizer.chords import chord_index
-from musicbert.vocab import DURATION_BINS, TEMPO_BINS, VELOCITY_BINS, VOCAB
 from musicbert.tokenizer.encode import song_from_midi, song_from_midifile, song_id
 from musicbert.tokenizer.errors import MidiRejected
 from musicbert.tokenizer.midi import Limits, nearest_bin, parse_midi_bytes, read_midi
 from musicbert.tokenizer.remi import decode_bars, decode_song
+from musicbert.vocab import DURATION_BINS, TEMPO_BINS, VELOCITY_BINS, VOCAB
 
 PIANO, BASS, DRUMS = 0, 33, 128
 NAME = {PIANO: "Instrument_Acoustic Grand Piano", BASS: "Instrument_Electric Bass (finger)", DRUMS: "Instrument_Drum"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from musicbert.batch import Batch
-from musicbert.label_schema import BAR_LABELS, LABEL_NAMES
+from musicbert.label_schema import BAR_LABELS, LABEL_NAMES, BarLabels
 from musicbert.probes import BarSample
 from musicbert.shards import (
     FORMAT_VERSION,
@@ -17,7 +17,6 @@ from musicbert.shards import (
     read_manifest,
 )
 from musicbert.tokenizer.chords import chord_index, chord_name
-from musicbert.tokenizer.labels import BarLabels
 from musicbert.vocab import VOCAB
 
 
@@ -92,12 +91,13 @@ def test_chord_columns():
 
 
 def test_one_label_schema_for_shards_labeller_and_probes():
-    """Song, the labeller's BarLabels and the probes' BarSample carry the schema's labels, in order."""
+    """BarLabels (the labeller's result; Song and BarSample extend it) has the schema's labels, in order."""
     def label_fields(cls):
         return tuple(f.name for f in dataclasses.fields(cls) if f.name in LABEL_NAMES)
 
     for cls in (Song, BarLabels, BarSample):
         assert label_fields(cls) == LABEL_NAMES, cls.__name__
+    assert issubclass(Song, BarLabels) and issubclass(BarSample, BarLabels)
     assert {f.name: f.width for f in BAR_LABELS if f.width} == {"instruments": 129, "chords": 84, "groove": 48}
     song = make_song()
     for f in BAR_LABELS:

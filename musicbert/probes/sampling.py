@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from musicbert.data import read_songs
-from musicbert.label_schema import BAR_INDEX, BAR_LABELS, LABEL_NAMES
+from musicbert.label_schema import BAR_INDEX, BAR_LABELS, LABEL_NAMES, BarLabels
 from musicbert.probes.metrics import ProbeError
 from musicbert.shards import Song, read_manifest
 
@@ -26,20 +26,14 @@ TEST_BARS_PER_SONG = 10
 
 
 @dataclass
-class BarSample:
-    """Bars drawn from one split, with their labels (row ``i`` of every array is bar ``i``)."""
+class BarSample(BarLabels):
+    """Bars drawn from one split, with their labels (the label fields of :class:`BarLabels`;
+    row ``i`` of every array is bar ``i``). Build it with keywords."""
 
     bars: list[np.ndarray]  # token ids of each bar
     song: np.ndarray  # int64 [n]: index into song_ids of the bar's song
     song_ids: list[str]
     bar_index: np.ndarray  # int32 [n]: index of the bar among its song's bars
-    # the labels of musicbert.label_schema.BAR_LABELS, one row per bar
-    instruments: np.ndarray
-    chords: np.ndarray
-    groove: np.ndarray
-    tempo: np.ndarray
-    velocity: np.ndarray
-    duration: np.ndarray
 
     def __len__(self) -> int:
         return len(self.bars)
@@ -50,7 +44,8 @@ class BarSample:
 
     @classmethod
     def empty(cls) -> "BarSample":
-        return cls([], np.zeros(0, np.int64), [], BAR_INDEX.zeros(), **{f.name: f.zeros() for f in BAR_LABELS})
+        return cls(bars=[], song=np.zeros(0, np.int64), song_ids=[], bar_index=BAR_INDEX.zeros(),
+                   **{f.name: f.zeros() for f in BAR_LABELS})
 
 
 class _SampleBuilder:
@@ -72,7 +67,7 @@ class _SampleBuilder:
             out.song_ids = song_ids
             return out
         cat = {k: np.concatenate(v) for k, v in self.rows.items()}
-        return BarSample(self.bars, np.asarray(self.song, np.int64), song_ids, **cat)
+        return BarSample(bars=self.bars, song=np.asarray(self.song, np.int64), song_ids=song_ids, **cat)
 
 
 def _song_key(song_id: str) -> int:

@@ -38,7 +38,7 @@ def song_from_midifile(midi: ParsedMidi, rel_path: str, limits: Limits = Limits(
         tokens=remi.tokens,
         offsets=remi.offsets,
         bar_index=remi.kept.astype(np.int32),
-        **labels.arrays(),
+        **labels.label_arrays(),
         first_bar=remi.first_bar,
     )
     song.validate()

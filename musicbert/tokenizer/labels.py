@@ -20,31 +20,13 @@ bar), from the quantised, pedal-extended non-drum notes, then read off per kept 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from musicbert.label_schema import LABEL_NAMES, N_INSTRUMENTS
-from musicbert.vocab import BEATS_PER_BAR, POSITIONS_PER_BAR, POSITIONS_PER_BEAT
+from musicbert.label_schema import N_INSTRUMENTS, BarLabels
 from musicbert.tokenizer.chords import N_CHORDS, song_chord_labels
 from musicbert.tokenizer.midi import NoteTable
 from musicbert.tokenizer.remi import RemiSong
-
-
-@dataclass
-class BarLabels:
-    """The labels of a song's kept bars, as :data:`musicbert.label_schema.BAR_LABELS` declares them."""
-
-    instruments: np.ndarray
-    chords: np.ndarray
-    groove: np.ndarray
-    tempo: np.ndarray
-    velocity: np.ndarray
-    duration: np.ndarray
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """``{label name: array}`` in the schema's order (the arrays themselves, not copies)."""
-        return {name: getattr(self, name) for name in LABEL_NAMES}
+from musicbert.vocab import BEATS_PER_BAR, POSITIONS_PER_BAR, POSITIONS_PER_BEAT
 
 
 def bar_labels(table: NoteTable, remi: RemiSong, chords: bool = True) -> BarLabels:
