@@ -10,16 +10,13 @@ import torch
 
 from eval_helpers import tiny_model
 from musicbert.feature_store import ArrayRows, FeatureStore
-from musicbert.inference import InferenceError
+from musicbert.inference import InferenceError, encode_bars, parse_layers, resolve_precision
 from musicbert.packing import pack_bars
 from musicbert.probes import (
     METRICS,
     BarSample,
-    encode_bars,
-    parse_layers,
     probe_model,
     probe_multilabel,
-    resolve_precision,
     run_probes,
     sample_split,
     score_layer,

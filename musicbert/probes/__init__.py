@@ -14,7 +14,8 @@ module              job
 ``projector``       :func:`write_projector`: embeddings for TensorBoard's projector
 =================== ===================================================================
 
-Bars are encoded by :func:`musicbert.inference.encode_bars`, the same path as the Python API.
+Bars are encoded by :mod:`musicbert.inference` (device, layers, batches), the same path as
+the Python API.
 
 Features
     The bar embedding of layer ``i`` (1-based) is the hidden state of the bar's first token
@@ -78,15 +79,6 @@ A metric that is undefined on a sample (for example no test bar has a chord) is 
 a note saying why.
 """
 
-from musicbert.inference import (
-    CPU_BATCH_TOKENS,
-    PRECISIONS,
-    encode_bars,
-    parse_layers,
-    resolve_device,
-    resolve_precision,
-    unwrap,
-)
 from musicbert.probes.metrics import HIGHER_IS_BETTER, METRIC_KIND, METRIC_TABLE, METRICS, PROTOCOLS, Metric, ProbeError
 from musicbert.probes.projector import write_projector
 from musicbert.probes.runner import ProbeResult, probe_model, run_probes
@@ -102,9 +94,8 @@ from musicbert.probes.scoring import (
 )
 
 __all__ = [
-    "CPU_BATCH_TOKENS", "DEFAULT_CLUSTERS", "HIGHER_IS_BETTER", "METRICS", "METRIC_KIND", "METRIC_TABLE", "PRECISIONS",
-    "PROTOCOLS", "TEST_BARS_PER_SONG", "TRAIN_BARS_PER_SONG", "BarSample", "LayerScores", "Metric", "ProbeError",
-    "ProbeResult", "encode_bars", "iter_split_songs", "parse_layers", "probe_accuracy", "probe_model",
-    "probe_multilabel", "probe_regression", "resolve_device", "resolve_precision", "run_probes", "sample_split",
-    "score_layer", "unwrap", "weighted_auc", "write_projector",
+    "DEFAULT_CLUSTERS", "HIGHER_IS_BETTER", "METRICS", "METRIC_KIND", "METRIC_TABLE", "PROTOCOLS",
+    "TEST_BARS_PER_SONG", "TRAIN_BARS_PER_SONG", "BarSample", "LayerScores", "Metric", "ProbeError", "ProbeResult",
+    "iter_split_songs", "probe_accuracy", "probe_model", "probe_multilabel", "probe_regression", "run_probes",
+    "sample_split", "score_layer", "weighted_auc", "write_projector",
 ]  # fmt: skip
