@@ -2,11 +2,11 @@
 
 Usage: ``python bench/chord_truth.py [--data DIR]`` (default ``../shared/data/labelled_pop909_dev_001-150``).
 
-A check that the recogniser (``preprocess/chords.py``) is not tuned to the generated MMA songs
+A check that the recogniser (``musicbert/tokenizer/chords.py``) is not tuned to the generated MMA songs
 that ``bench/fidelity.py`` measures it on. Every ``NNN.mid`` beside its ``NNN_chord_midi.txt``
 (chord spans in seconds) and ``NNN_beat_midi.txt`` (beat times; third column 1 on downbeats)
 is read with this project's reader (the time-signature check is skipped: most POP909 files
-declare 1/4), its quantised notes go through :func:`preprocess.chords.recognise_chords`, and
+declare 1/4), its quantised notes go through :func:`musicbert.tokenizer.chords.recognise_chords`, and
 the chords are compared where the annotation names one of the 84 chords (``N``, ``sus2``,
 ``maj6``... and inversions' basses are left out or ignored). It prints:
 
@@ -32,10 +32,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from musicbert.shards import PITCH_CLASS_OF_NAME, chord_index  # noqa: E402
+from musicbert.tokenizer.chords import (  # noqa: E402
+    PITCH_CLASS_OF_NAME,
+    ChordSegment,
+    beat_chroma,
+    chord_index,
+    recognise_chords,
+)
+from musicbert.tokenizer.midi import ParsedMidi, note_table, read_midi, tempo_map  # noqa: E402
 from musicbert.vocab import POSITIONS_PER_BEAT  # noqa: E402
-from preprocess.chords import ChordSegment, beat_chroma, recognise_chords  # noqa: E402
-from preprocess.midi import ParsedMidi, note_table, read_midi, tempo_map  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "labelled_pop909_dev_001-150"
 _QUALITIES = {"maj": "maj", "min": "min", "dim": "dim", "aug": "aug", "7": "dom7", "maj7": "maj7", "min7": "min7"}

@@ -78,7 +78,8 @@ def write_checkpoint(run_dir: Path) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """Run one evaluation in this process; print its peak RSS and timings as JSON."""
-    from musicbert import evaluate, probes
+    from musicbert import evaluate
+    from musicbert.probes import runner
 
     timings = {"features_cpu_s": 0.0, "probes_cpu_s": 0.0}
 
@@ -91,8 +92,8 @@ def child(args: argparse.Namespace) -> None:
                 timings[key] += time.process_time() - t
         return wrapper
 
-    probes.encode_bars = timed(probes.encode_bars, "features_cpu_s")
-    probes.score_layer = timed(probes.score_layer, "probes_cpu_s")
+    runner.encode_bars = timed(runner.encode_bars, "features_cpu_s")  # the names probe_model calls
+    runner.score_layer = timed(runner.score_layer, "probes_cpu_s")
     started = time.perf_counter()
     metrics = evaluate.evaluate(args.run, args.shards, None, layers="all", repeats=args.repeats, device="cpu",
                                 clusters=args.clusters, seed=0, batch_tokens=args.batch_tokens, work_dir=args.shards.parent)
@@ -118,10 +119,10 @@ def finish_evaluation(proc: subprocess.Popen) -> dict:
 def probe_seconds_per_layer(n_train: int, dim: int) -> float:
     """CPU seconds of score_layer for one layer: random features, random labels, k = 1000."""
     from musicbert.probes import score_layer
-    from test_probes import _synthetic_sample
+    from test_probes import synthetic_sample
 
     rng = np.random.default_rng(0)
-    train, test = _synthetic_sample(rng, n_train, n_train // 5), _synthetic_sample(rng, n_train // 4, n_train // 40)
+    train, test = synthetic_sample(rng, n_train, n_train // 5), synthetic_sample(rng, n_train // 4, n_train // 40)
     xtr = rng.normal(size=(n_train, dim)).astype(np.float32)
     xte = rng.normal(size=(n_train // 4, dim)).astype(np.float32)
     t = time.process_time()

@@ -42,9 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from musicbert.probes import iter_split_songs  # noqa: E402
-from musicbert.shards import PITCH_CLASS_OF_NAME, PITCH_CLASSES, SPLITS, chord_index, chord_name  # noqa: E402
+from musicbert.shards import SPLITS  # noqa: E402
+from musicbert.tokenizer.chords import PITCH_CLASS_OF_NAME, PITCH_CLASSES, chord_index, chord_name  # noqa: E402
+from musicbert.tokenizer.midi import nearest_bin, note_table, read_midi, tempo_map  # noqa: E402
 from musicbert.vocab import POSITIONS_PER_BAR, TEMPO_BINS, VOCAB  # noqa: E402
-from preprocess.midi import nearest_bin, note_table, read_midi, tempo_map  # noqa: E402
 from preprocess.run import Options, preprocess_corpus  # noqa: E402
 
 SHARED = REPO.parent / "shared"

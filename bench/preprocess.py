@@ -10,7 +10,7 @@ Measured in one process, on the same files:
 
 * parse-only: ``miditoolkit.MidiFile(path, clip=True)`` on every file, sequentially (mido's
   parse plus a pass pairing note-ons and note-offs: the work the preprocessor's own reader,
-  ``preprocess.midi.read_midi``, does; mido's parse alone is printed too);
+  ``musicbert.tokenizer.midi.read_midi``, does; mido's parse alone is printed too);
 * full pipeline (``preprocess_corpus``: read, 4/4 check, quantise, pedal, tokens, labels,
   chords, IPC, shard writing) with 1 worker, then with 2 workers.
 

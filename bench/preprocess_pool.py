@@ -43,8 +43,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from musicbert.tokenizer.encode import song_id  # noqa: E402
 import preprocess.run  # noqa: E402
-from preprocess.encode import song_id  # noqa: E402
 from preprocess.run import Options, preprocess_corpus  # noqa: E402
 
 

@@ -8,9 +8,9 @@
     e.embeddings.shape                               # (n_bars, dim), or (n_layers, n_bars, dim) for several layers
     e.bar_index                                      # index of each embedded bar among the song's bars
 
-A file is tokenised exactly as the preprocessor does it (``preprocess.encode.song_from_midi``),
+A file is tokenised exactly as the preprocessor does it (``musicbert.tokenizer.encode.song_from_midi``),
 so only its usable bars are embedded (4/4, at least 30 tokens): ``bar_index`` says which.
-A file that cannot be used raises ``preprocess.errors.MidiRejected`` with a message naming the
+A file that cannot be used raises ``musicbert.tokenizer.errors.MidiRejected`` with a message naming the
 file and the reason. :meth:`Encoder.embed_midis` embeds many files in shared batches and
 collects the rejected ones instead of raising; a bar's embedding is the same (up to float
 rounding) whether its file is embedded alone or with others, because the model keeps each
@@ -29,8 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musicbert.checkpoint import CheckpointError, resolve
 from musicbert.config import config_from_dict
-from musicbert.probes import encode_bars, parse_layers, resolve_device
+from musicbert.inference import encode_bars, parse_layers, resolve_device
+from musicbert.model import MusicBERT
+from musicbert.tokenizer.encode import song_from_midi
+from musicbert.tokenizer.errors import MidiRejected
 from musicbert.vocab import VOCAB
 
 
@@ -41,8 +45,6 @@ class ModelLoadError(RuntimeError):
 def build_model(model_cfg, seed: int | None = None) -> torch.nn.Module:
     """A fresh :class:`~musicbert.model.MusicBERT`; with ``seed``, initialised from that seed
     without touching the global random state."""
-    from musicbert.model import MusicBERT
-
     if seed is None:
         return MusicBERT(model_cfg)
     with torch.random.fork_rng(devices=[]):
@@ -67,8 +69,6 @@ def load_model(checkpoint: str | Path, random_init: bool = False, seed: int = 0)
     checkpoint's configuration, initialised from ``seed`` (the baseline to beat).
     ``info`` has ``checkpoint`` (the file used), ``step``, ``config`` and ``random_init``.
     """
-    from musicbert.checkpoint import CheckpointError, resolve
-
     try:
         path, state = resolve(checkpoint, map_location="cpu")
     except CheckpointError as exc:
@@ -161,9 +161,6 @@ class Encoder:
 
     def embed_midi(self, path: str | Path, layer=None) -> BarEmbeddings:
         """Embeddings of one MIDI file's usable bars; raises ``MidiRejected`` if it has none or cannot be read."""
-        from preprocess.encode import song_from_midi
-        from preprocess.errors import MidiRejected
-
         try:
             song = song_from_midi(str(path))
         except MidiRejected as exc:
@@ -174,9 +171,6 @@ class Encoder:
 
     def embed_midis(self, paths: Sequence[str | Path], layer=None, progress: bool = False) -> tuple[list[BarEmbeddings], list[Rejection]]:
         """Embed many files in shared batches; files that cannot be used are returned as :class:`Rejection`."""
-        from preprocess.encode import song_from_midi
-        from preprocess.errors import MidiRejected
-
         layers, squeeze = self.resolve_layers(layer)
         songs, rejected = [], []
         for path in paths:

@@ -62,7 +62,8 @@ from pathlib import Path
 import numpy as np
 
 from musicbert.feature_store import FeatureRows, SubsetRows
-from musicbert.probes import METRICS, ProbeError, _probe_accuracy, _probe_multilabel, _probe_regression
+from musicbert.probes.metrics import METRICS, ProbeError
+from musicbert.probes.scoring import probe_accuracy, probe_multilabel, probe_regression
 from musicbert.shards import read_manifest
 
 log = logging.getLogger(__name__)
@@ -321,10 +322,10 @@ class LabelTable:
         rows_te, yte = self.targets(test.song_ids, test.song, test.bar_index)
         xtr, xte = SubsetRows(train_x, rows_tr), SubsetRows(test_x, rows_te)
         if self.kind == NUMERIC:
-            return _probe_regression(self.name, xtr, ytr, xte, yte)
+            return probe_regression(self.name, xtr, ytr, xte, yte)
         if self.kind == SINGLE_LABEL:
-            return _probe_accuracy(self.name, xtr, ytr, xte, yte)
-        return _probe_multilabel(self.name, xtr, ytr, xte, yte, "standard")
+            return probe_accuracy(self.name, xtr, ytr, xte, yte)
+        return probe_multilabel(self.name, xtr, ytr, xte, yte, "standard")
 
 
 def match_labels(labels: LabelFile, index: PathIndex) -> LabelTable:

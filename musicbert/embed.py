@@ -24,7 +24,7 @@ bar_index        [n]                      index of the bar among its song's bars
 files            [n_files]                paths of the embedded files
 rejected_files   [n_rejected]             paths of the files that could not be used
 rejected_reasons [n_rejected]             reason codes (``not_4_4``, ``not_midi``, ...; see
-                                          ``preprocess/errors.py``)
+                                          ``musicbert/tokenizer/errors.py``)
 rejected_messages [n_rejected]            the explanation, one line each
 ================ ======================== ==========================================
 """
@@ -88,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: PyTorch's choice)")
     p.add_argument("midi", nargs="+", help="MIDI files or folders holding them")
     args = p.parse_args(argv)
+    # torch and the model are imported here, not at the top, so that --help answers at once
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
 
     from musicbert.api import ModelLoadError, load
-    from musicbert.probes import ProbeError
+    from musicbert.inference import InferenceError
 
     paths = expand_paths(args.midi)
     if not paths:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         layer = None if args.layer == "last" else args.layer
         layers, _ = enc.resolve_layers(layer)
         results, rejected = enc.embed_midis(paths, layer, progress=True)
-    except (ModelLoadError, ProbeError) as exc:
+    except (ModelLoadError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for r in rejected:

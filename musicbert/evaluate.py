@@ -60,18 +60,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from musicbert.api import ModelLoadError, load_model
+from musicbert.custom_labels import load_label_tables
+from musicbert.inference import CPU_BATCH_TOKENS, PRECISIONS, InferenceError, resolve_device, resolve_precision
 from musicbert.probes import (
-    CPU_BATCH_TOKENS,
     DEFAULT_CLUSTERS,
     HIGHER_IS_BETTER,
-    PRECISIONS,
     PROTOCOLS,
     TEST_BARS_PER_SONG,
     TRAIN_BARS_PER_SONG,
     ProbeError,
     probe_model,
 )
+from musicbert.report import compare, markdown_report, markdown_table, plot_layers, read_metrics
+from musicbert.shards import ShardFormatError
 
 
 def _clean(x: float) -> float | None:
@@ -114,10 +118,8 @@ def evaluate(
     system's temporary folder), removed at the end. ``labels``: ``[NAME=]FILE.csv`` specs of
     annotated labels (:mod:`musicbert.custom_labels`).
     """
-    from musicbert.api import load_model
-    from musicbert.custom_labels import load_label_tables
-    from musicbert.probes import resolve_device, resolve_precision
-
+    # Over 60 lines: 19 keyword arguments and the "settings" table of metrics.json, each
+    # written out once in the file's key order; the work itself is the 20 lines below.
     if repeats < 1:
         raise ProbeError(f"repeats ({repeats}) must be >= 1")
     started = time.time()
@@ -177,7 +179,6 @@ def evaluate(
 
 
 def write_outputs(metrics: dict, out: str | Path) -> None:
-    from musicbert.report import markdown_report, plot_layers
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ def write_outputs(metrics: dict, out: str | Path) -> None:
     plot_layers(metrics, out / "layers.png")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m musicbert.evaluate",
         description="Probe a checkpoint's bar embeddings layer by layer (SPEC §6), or compare two metrics.json.",
@@ -218,23 +219,21 @@ def main(argv: list[str] | None = None) -> int:
                         "after the file; repeatable (see musicbert.custom_labels)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two metrics.json side by side and exit")
     p.add_argument("--names", nargs=2, metavar=("A", "B"), help="with --compare: column names")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
 
     if args.compare:
-        from musicbert.report import compare, read_metrics
-
         print(compare(read_metrics(args.compare[0]), read_metrics(args.compare[1]), tuple(args.names) if args.names else None))
         return 0
     missing = [f"--{k}" for k in ("checkpoint", "shards", "out") if getattr(args, k) is None]
     if missing:
         p.error(f"the following arguments are required: {', '.join(missing)} (or use --compare A B)")
-
-    from musicbert.api import ModelLoadError
-    from musicbert.shards import ShardFormatError
 
     try:
         metrics = evaluate(
@@ -244,10 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             train_bars_per_song=args.train_bars, test_bars_per_song=args.test_bars, work_dir=args.work_dir,
             labels=args.labels,
         )
-    except (ProbeError, ModelLoadError, ShardFormatError) as exc:
+    except (InferenceError, ModelLoadError, ShardFormatError) as exc:  # ProbeError is an InferenceError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from musicbert.report import markdown_table
 
     s = metrics["settings"]
     print(markdown_table(metrics))

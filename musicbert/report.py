@@ -23,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-from musicbert.probes import HIGHER_IS_BETTER, METRIC_KIND, METRICS
+from musicbert.probes.metrics import HIGHER_IS_BETTER, METRIC_KIND, METRIC_TABLE, METRICS
 
 
 def _num(x) -> float:
@@ -134,9 +134,8 @@ def plot_layers(metrics: dict, path: str | Path, title: str | None = None) -> No
 
     layers = layer_numbers(metrics)
     groups = (
-        ("AUC / accuracy / entropy", ("instruments", "chords", "tempo", "groove", "song_clustering")),
-        ("RMSE (MIDI velocity)", ("mean_velocity",)),
-        ("RMSE (duration bins)", ("mean_duration",)),
+        ("AUC / accuracy / entropy", tuple(m.name for m in METRIC_TABLE if m.kind != "RMSE")),
+        *((f"RMSE ({m.unit})", (m.name,)) for m in METRIC_TABLE if m.kind == "RMSE"),
     )
     if label_metrics(metrics):
         groups += (("annotated labels: " + ", ".join(sorted({metric_kind(m, metrics) for m in label_metrics(metrics)})),

@@ -3,7 +3,8 @@
 This module is the contract between the preprocessor (writer) and everything that reads
 shards (training pipeline, evaluation). Bump :data:`FORMAT_VERSION` on any change.
 
-Sample members (key = song id, 16 hex digits of a hash of the song's path):
+Sample members (key = song id, 16 hex digits of a hash of the song's path; the label
+members are those of :data:`musicbert.label_schema.BAR_LABELS`):
 
 ============== ======== ================ ==============================================
 member         dtype    shape            meaning
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from musicbert.label_schema import BAR_INDEX, BAR_LABELS, BarLabels
 from musicbert.vocab import VOCAB
 
 FORMAT_NAME = "musicbert-shards"
@@ -46,57 +48,24 @@ SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 
-N_INSTRUMENTS = 129
-N_CHORDS = 84
-CHORD_QUALITIES = ("maj", "min", "dim", "aug", "dom7", "maj7", "min7")
-PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-#: Pitch class of a note name in any spelling chord annotations use (``Db``, ``E#``, ``Cb``...).
-PITCH_CLASS_OF_NAME = {
-    **{name: i for i, name in enumerate(PITCH_CLASSES)},
-    "Db": 1, "Eb": 3, "Gb": 6, "Ab": 8, "Bb": 10, "Cb": 11, "Fb": 4, "E#": 5, "B#": 0,
-}  # fmt: skip
-
 # member -> (dtype, trailing shape after n_bars); tokens and offsets are checked apart.
-_LABELS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
-    "bar_index": (np.dtype(np.int32), ()),
-    "instruments": (np.dtype(np.uint8), (N_INSTRUMENTS,)),
-    "chords": (np.dtype(np.uint8), (N_CHORDS,)),
-    "groove": (np.dtype(np.uint8), (48,)),
-    "tempo": (np.dtype(np.uint8), ()),
-    "velocity": (np.dtype(np.float32), ()),
-    "duration": (np.dtype(np.float32), ()),
-}
+_LABELS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {f.name: (f.dtype, f.tail) for f in (BAR_INDEX, *BAR_LABELS)}
 
 
 class ShardFormatError(ValueError):
     """A sample or manifest does not follow this format; the message names what and where."""
 
 
-def chord_index(root: int, quality: str) -> int:
-    """Column of a chord in ``chords.npy``: ``root * 7 + quality index``."""
-    return root * len(CHORD_QUALITIES) + CHORD_QUALITIES.index(quality)
-
-
-def chord_name(index: int) -> str:
-    root, quality = divmod(index, len(CHORD_QUALITIES))
-    return f"{PITCH_CLASSES[root]}:{CHORD_QUALITIES[quality]}"
-
-
 @dataclass
-class Song:
-    """One song's kept bars with their per-bar labels (see the module docstring)."""
+class Song(BarLabels):
+    """One song's kept bars with their per-bar labels (the label fields of :class:`BarLabels`;
+    see the module docstring). Build it with keywords."""
 
     id: str
     path: str
     tokens: np.ndarray
     offsets: np.ndarray
     bar_index: np.ndarray
-    instruments: np.ndarray
-    chords: np.ndarray
-    groove: np.ndarray
-    tempo: np.ndarray
-    velocity: np.ndarray
-    duration: np.ndarray
     first_bar: int | None = None  # file bar (from tick 0) of bar_index 0; None in older shards
 
     @property

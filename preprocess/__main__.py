@@ -13,8 +13,8 @@ import os
 import signal
 import sys
 
-from preprocess.errors import REASONS
-from preprocess.midi import Limits
+from musicbert.tokenizer.errors import REASONS
+from musicbert.tokenizer.midi import Limits
 from preprocess.run import DEFAULT_SEED, Options, preprocess_corpus
 from preprocess.shards import OutputExists, parse_split
 

@@ -35,7 +35,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from preprocess.errors import MidiRejected
+from musicbert.tokenizer.errors import MidiRejected
 from preprocess.reorder import InOrder
 
 Result = tuple  # ("ok", payload) | ("rejected", reason, message)

@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm import tqdm
+
 from musicbert.shards import SPLITS
-from preprocess.encode import song_from_midifile, song_id
-from preprocess.midi import Limits, read_midi
+from musicbert.tokenizer.encode import song_from_midifile, song_id
+from musicbert.tokenizer.midi import Limits, read_midi
 from preprocess.pool import TaskPool, run_in_process
 from preprocess.shards import ErrorLog, OutputDir, SplitWriter, assign_split, write_manifest
 
@@ -95,6 +97,27 @@ def encode_file(src: str, limits: Limits, chords: bool, rel: str) -> tuple:
     return song.to_sample(), song.n_bars, len(song.tokens), midi.n_notes
 
 
+def _files_to_encode(src: Path, out: str | Path, options: Options) -> list[str]:
+    """The MIDI files under ``src`` (relative paths), after checking the folders and options."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"--src {src} is not a folder")
+    if options.shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {options.shard_size}")
+    out_abs, src_abs = Path(out).resolve(), src.resolve()
+    if out_abs == src_abs or out_abs in src_abs.parents:
+        raise ValueError(f"--out {out} contains --src {src}; writing there would replace the MIDI files")
+    files = find_midi_files(src)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(EXTENSIONS)} files under {src}")
+    return files
+
+
+def _progress_bar(n_files: int) -> tqdm:
+    tqdm.monitor_interval = 0  # no monitor thread (workers may be forked later)
+    interval = 0.5 if sys.stderr.isatty() else 30.0  # a batch job's log gets a line per 30 s
+    return tqdm(total=n_files, unit="file", dynamic_ncols=True, smoothing=0.05, mininterval=interval)
+
+
 def preprocess_corpus(
     src: str | Path,
     out: str | Path,
@@ -111,16 +134,7 @@ def preprocess_corpus(
     and ``overwrite`` is false, ``FileNotFoundError`` if ``src`` has no MIDI files.
     """
     src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"--src {src} is not a folder")
-    if options.shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, got {options.shard_size}")
-    out_abs, src_abs = Path(out).resolve(), src.resolve()
-    if out_abs == src_abs or out_abs in src_abs.parents:
-        raise ValueError(f"--out {out} contains --src {src}; writing there would replace the MIDI files")
-    files = find_midi_files(src)
-    if not files:
-        raise FileNotFoundError(f"no {'/'.join(EXTENSIONS)} files under {src}")
+    files = _files_to_encode(src, out, options)
     outdir = OutputDir(out, overwrite=overwrite)
     t0 = time.perf_counter()
     summary = Summary(out=Path(out), files=len(files))
@@ -138,11 +152,7 @@ def preprocess_corpus(
             pool = TaskPool(fn, options.workers, timeout=options.timeout, memory_mb=options.memory_mb, spill_dir=outdir.tmp)
             results = pool.map(tasks)
         if progress:
-            from tqdm import tqdm
-
-            tqdm.monitor_interval = 0  # no monitor thread (workers may be forked later)
-            interval = 0.5 if sys.stderr.isatty() else 30.0  # a batch job's log gets a line per 30 s
-            bar = tqdm(total=len(files), unit="file", dynamic_ncols=True, smoothing=0.05, mininterval=interval)
+            bar = _progress_bar(len(files))
         for index, result in results:
             rel = files[index]
             if result[0] == "ok":

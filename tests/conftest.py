@@ -12,7 +12,7 @@ from pathlib import Path
 import miditoolkit
 import pytest
 
-from preprocess.midi import ParsedMidi, parse_midi_bytes
+from musicbert.tokenizer.midi import ParsedMidi, parse_midi_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_MIDI = REPO / "examples" / "midi"

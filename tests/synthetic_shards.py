@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from musicbert.shards import N_CHORDS, N_INSTRUMENTS, Manifest, Song, SplitInfo
+from musicbert.label_schema import N_INSTRUMENTS
+from musicbert.shards import Manifest, Song, SplitInfo
+from musicbert.tokenizer.chords import N_CHORDS
 from musicbert.vocab import VOCAB
 
 
@@ -78,7 +80,7 @@ def make_shards(root: Path, splits: dict[str, list[int]], seed: int = 0, bars: t
 
 
 def write_song_shards(root: Path, splits: dict[str, list[Song]]) -> Path:
-    """Write given songs (e.g. from ``preprocess.encode.song_from_midifile``): one shard per split, and the manifest."""
+    """Write given songs (e.g. from ``musicbert.tokenizer.encode.song_from_midifile``): one shard per split, and the manifest."""
     root.mkdir(parents=True, exist_ok=True)
     infos = {}
     for split, songs in splits.items():

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from musicbert.custom_labels import LabelSpec, PathIndex, match_labels, read_label_file, read_song_entries
-from musicbert.shards import chord_name
+from musicbert.tokenizer.chords import chord_name
+from musicbert.tokenizer.encode import song_from_midi
 from preprocess.annotations import gmd, mma, pop909
 from preprocess.annotations.chordnames import ChordNameError, harte_label, leadsheet_label
 from preprocess.annotations.labelcsv import AnnotationError
-from preprocess.encode import song_from_midi
 from synthetic_shards import write_song_shards
 
 

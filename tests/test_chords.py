@@ -1,4 +1,4 @@
-"""Chord recogniser (preprocess/chords.py, SPEC §3)."""
+"""Chord recogniser (musicbert/tokenizer/chords.py, SPEC §3)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ import time
 import numpy as np
 import pytest
 
-from musicbert.shards import CHORD_QUALITIES, N_CHORDS, PITCH_CLASS_OF_NAME, chord_index
-from preprocess.chords import (
-    _RULES,
+from musicbert.tokenizer.chords import (
+    CHORD_QUALITIES,
+    N_CHORDS,
     NO_LOWEST,
+    PITCH_CLASS_OF_NAME,
+    QUALITY_RULES,
     BeatChroma,
     ChordSegment,
     bar_chord_labels,
     beat_chroma,
+    chord_index,
+    chord_quality,
     recognise_chords,
     song_chord_labels,
 )
@@ -100,11 +104,8 @@ def test_inversions_keep_the_root():
 
 
 def test_quality_precedence_when_several_intervals_sound():
-    from preprocess.chords import _LUT_QUALITY
-
     def quality_above_c(*pcs):  # quality read with C as the root, whatever the best root is
-        code = int(_LUT_QUALITY[sum(1 << pc for pc in pcs), 0])
-        return CHORD_QUALITIES[code] if code >= 0 else None
+        return chord_quality(pcs, 0)
 
     assert quality_above_c(0, 3, 6, 10) == "dim"  # 6 is checked before 10
     assert quality_above_c(0, 3, 7, 10) == "min7"
@@ -310,7 +311,7 @@ def _plain_window(chroma, lowest):
             q = "dim" if 6 in iv else "min7" if 10 in iv else "min"
         else:
             q = "aug" if 8 in iv else "dom7" if 10 in iv else "maj7" if 11 in iv else "maj"
-        tones, ins, out1, out2 = _RULES[q]
+        tones, ins, out1, out2 = QUALITY_RULES[q]
         sc = sum(10 if i in ins else -1 if i in out1 else -2 if i in out2 else 0 for i in iv if i not in tones)
         cands.append((sc, r, q))
     top = max(c[0] for c in cands)

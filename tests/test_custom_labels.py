@@ -29,8 +29,8 @@ from musicbert.custom_labels import (
     read_label_file,
     read_song_entries,
 )
+from musicbert.tokenizer.encode import song_from_midifile
 from musicbert.vocab import VOCAB
-from preprocess.encode import song_from_midifile
 from synthetic_shards import write_song_shards
 
 TPB = 480

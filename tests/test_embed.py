@@ -8,7 +8,7 @@ import pytest
 from conftest import EXAMPLES_MIDI
 from eval_helpers import tiny_checkpoint
 from musicbert import api, embed
-from preprocess.errors import MidiRejected
+from musicbert.tokenizer.errors import MidiRejected
 
 GOOD = [EXAMPLES_MIDI / "d_dm15.mid", EXAMPLES_MIDI / "d_dm30.mid", EXAMPLES_MIDI / "d_fdmttl.mid"]
 NOT_4_4 = EXAMPLES_MIDI / "d_dm06.mid"  # 7/8: the preprocessor refuses it

@@ -12,9 +12,9 @@ import io
 import mido
 import numpy as np
 
+from musicbert.tokenizer.encode import song_from_midifile
+from musicbert.tokenizer.midi import ParsedMidi, nearest_bin, note_table, parse_midi_bytes
 from musicbert.vocab import TEMPO_BINS, VELOCITY_BINS, VOCAB
-from preprocess.encode import song_from_midifile
-from preprocess.midi import ParsedMidi, nearest_bin, note_table, parse_midi_bytes
 
 TPB = 480
 STEP = 40

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES_MIDI, reparse
-from musicbert.shards import chord_index
+from musicbert.tokenizer.chords import chord_index
+from musicbert.tokenizer.encode import song_from_midi, song_from_midifile, song_id
+from musicbert.tokenizer.errors import MidiRejected
+from musicbert.tokenizer.midi import Limits, nearest_bin, parse_midi_bytes, read_midi
+from musicbert.tokenizer.remi import decode_bars, decode_song
 from musicbert.vocab import DURATION_BINS, TEMPO_BINS, VELOCITY_BINS, VOCAB
-from preprocess.encode import song_from_midi, song_from_midifile, song_id
-from preprocess.errors import MidiRejected
-from preprocess.midi import Limits, nearest_bin, parse_midi_bytes, read_midi
-from preprocess.remi import decode_bars, decode_song
 
 PIANO, BASS, DRUMS = 0, 33, 128
 NAME = {PIANO: "Instrument_Acoustic Grand Piano", BASS: "Instrument_Electric Bass (finger)", DRUMS: "Instrument_Drum"}

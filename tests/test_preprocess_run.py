@@ -18,11 +18,11 @@ import webdataset as wds
 
 from conftest import EXAMPLE_SHARDS_OPTIONS, EXAMPLES_MIDI
 from musicbert.shards import Song, read_manifest
+from musicbert.tokenizer.encode import song_from_midi, song_id
+from musicbert.tokenizer.midi import Limits
 from preprocess.__main__ import main as cli_main
-from preprocess.encode import song_from_midi, song_id
 from preprocess.run import Options, encode_file, find_midi_files, preprocess_corpus
 from preprocess.shards import OutputExists, assign_split, parse_split
-from preprocess.midi import Limits
 
 
 def read_songs(root: Path, split: str) -> list[Song]:

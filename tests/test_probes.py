@@ -9,29 +9,28 @@ import pytest
 import torch
 
 from eval_helpers import tiny_model
-from musicbert import probes
 from musicbert.feature_store import ArrayRows, FeatureStore
+from musicbert.inference import InferenceError, encode_bars, parse_layers, resolve_precision
 from musicbert.packing import pack_bars
 from musicbert.probes import (
     METRICS,
     BarSample,
-    ProbeError,
-    _probe_multilabel,
-    cluster_entropy,
-    clusters_for,
-    column_mean_std,
-    encode_bars,
-    multilabel_scores,
-    parse_layers,
     probe_model,
-    resolve_precision,
+    probe_multilabel,
     run_probes,
     sample_split,
     score_layer,
-    standardise,
-    tempo_accuracy_reference,
     weighted_auc,
     write_projector,
+)
+from musicbert.probes import scoring
+from musicbert.probes.scoring import (
+    cluster_entropy,
+    clusters_for,
+    column_mean_std,
+    multilabel_scores,
+    standardise,
+    tempo_accuracy_reference,
 )
 from musicbert.vocab import VOCAB
 
@@ -115,7 +114,7 @@ def test_standardise_uses_training_statistics_and_survives_constant_features():
 
 
 def test_column_std_in_chunks_is_numpys_to_the_bit(monkeypatch):
-    monkeypatch.setattr(probes, "STD_CHUNK_ROWS", 7)  # many chunks, the last one short
+    monkeypatch.setattr(scoring, "STD_CHUNK_ROWS", 7)  # many chunks, the last one short
     x = (np.random.default_rng(0).normal(size=(100, 33)) * 3 + 5).astype(np.float32)
     mean, std = column_mean_std(x)
     assert np.array_equal(mean, x.mean(axis=0)) and np.array_equal(std, x.std(axis=0))
@@ -138,12 +137,12 @@ def test_reference_multilabel_matches_a_plain_sklearn_pipeline():
     clf = RidgeClassifier(alpha=100).fit((xtr[ktr] - mean) / std, ytr[ktr].astype(float))  # the reference had float labels
     ztest = (xte[kte] - mean) / std
     expected = roc_auc_score(yte[kte], clf.predict(ztest), average="weighted")
-    assert _probe_multilabel("groove", ArrayRows(xtr), ytr, ArrayRows(xte), yte, "reference")[0] == pytest.approx(expected, abs=1e-12)
+    assert probe_multilabel("groove", ArrayRows(xtr), ytr, ArrayRows(xte), yte, "reference")[0] == pytest.approx(expected, abs=1e-12)
     expected_chords = roc_auc_score(yte[kte], (clf.decision_function(ztest) > -0.8).astype(int), average="weighted")
-    assert _probe_multilabel("chords", ArrayRows(xtr), ytr, ArrayRows(xte), yte, "reference")[0] == pytest.approx(expected_chords, abs=1e-12)
+    assert probe_multilabel("chords", ArrayRows(xtr), ytr, ArrayRows(xte), yte, "reference")[0] == pytest.approx(expected_chords, abs=1e-12)
 
 
-def _synthetic_sample(rng, n, n_songs):
+def synthetic_sample(rng, n, n_songs):
     return BarSample(
         bars=[np.array([VOCAB.bar_id, VOCAB.eob_id])] * n,
         song=rng.integers(0, n_songs, n),
@@ -161,7 +160,7 @@ def _synthetic_sample(rng, n, n_songs):
 @pytest.mark.parametrize("protocol", ["standard", "reference"])
 def test_score_layer_metrics_in_range(protocol):
     rng = np.random.default_rng(0)
-    train, test = _synthetic_sample(rng, 200, 40), _synthetic_sample(rng, 60, 6)
+    train, test = synthetic_sample(rng, 200, 40), synthetic_sample(rng, 60, 6)
     s = score_layer(rng.normal(size=(200, 16)), train, rng.normal(size=(60, 16)), test, protocol, clusters=1000)
     assert list(s.values) == list(METRICS)
     for m in ("chords", "groove", "instruments", "tempo", "song_clustering"):
@@ -172,7 +171,7 @@ def test_score_layer_metrics_in_range(protocol):
 
 def test_labels_absent_from_training_or_test_are_handled():
     rng = np.random.default_rng(3)
-    train, test = _synthetic_sample(rng, 100, 20), _synthetic_sample(rng, 30, 3)
+    train, test = synthetic_sample(rng, 100, 20), synthetic_sample(rng, 30, 3)
     train.chords[:] = 0
     train.chords[:5, 3] = 1  # one chord label only in training
     test.chords[:] = 0  # no test bar has a chord
@@ -187,9 +186,9 @@ def test_parse_layers():
     assert parse_layers("all", 3) == [1, 2, 3]
     assert parse_layers("3,1", 3) == [1, 3]
     assert parse_layers("last", 12) == [12]
-    with pytest.raises(ProbeError, match="1..3"):
+    with pytest.raises(InferenceError, match="1..3"):
         parse_layers("4", 3)
-    with pytest.raises(ProbeError):
+    with pytest.raises(InferenceError):
         parse_layers("x", 3)
 
 
@@ -289,7 +288,7 @@ def test_sampled_bars_are_copied_out_of_their_songs(example_shards):
 def test_precision_auto_is_fp32_on_cpu():
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    with pytest.raises(ProbeError, match="fp16"):
+    with pytest.raises(InferenceError, match="fp16"):
         resolve_precision("fp16", torch.device("cpu"))
 
 
@@ -341,7 +340,7 @@ def test_feature_store_reads_any_rows_in_any_order(tmp_path):
 
 def test_score_layer_reads_stored_rows_like_arrays_and_leaves_them_unchanged(tmp_path):
     rng = np.random.default_rng(4)
-    train, test = _synthetic_sample(rng, 120, 30), _synthetic_sample(rng, 40, 5)
+    train, test = synthetic_sample(rng, 120, 30), synthetic_sample(rng, 40, 5)
     xtr, xte = rng.normal(size=(120, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
     before = xtr.copy()
     from_arrays = score_layer(xtr, train, xte, test, clusters=5)

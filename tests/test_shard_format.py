@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -5,16 +6,17 @@ import pytest
 import torch
 
 from musicbert.batch import Batch
+from musicbert.label_schema import BAR_LABELS, LABEL_NAMES, BarLabels
+from musicbert.probes import BarSample
 from musicbert.shards import (
     FORMAT_VERSION,
     Manifest,
     ShardFormatError,
     SplitInfo,
     Song,
-    chord_index,
-    chord_name,
     read_manifest,
 )
+from musicbert.tokenizer.chords import chord_index, chord_name
 from musicbert.vocab import VOCAB
 
 
@@ -86,6 +88,20 @@ def test_missing_member_is_named():
 def test_chord_columns():
     assert chord_index(0, "maj") == 0 and chord_index(11, "min7") == 83
     assert chord_name(chord_index(9, "min")) == "A:min"
+
+
+def test_one_label_schema_for_shards_labeller_and_probes():
+    """BarLabels (the labeller's result; Song and BarSample extend it) has the schema's labels, in order."""
+    def label_fields(cls):
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name in LABEL_NAMES)
+
+    for cls in (Song, BarLabels, BarSample):
+        assert label_fields(cls) == LABEL_NAMES, cls.__name__
+    assert issubclass(Song, BarLabels) and issubclass(BarSample, BarLabels)
+    assert {f.name: f.width for f in BAR_LABELS if f.width} == {"instruments": 129, "chords": 84, "groove": 48}
+    song = make_song()
+    for f in BAR_LABELS:
+        assert getattr(song, f.name).shape[1:] == f.tail and getattr(song, f.name).dtype == f.dtype
 
 
 def write_manifest(root, **overrides):

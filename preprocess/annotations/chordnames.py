@@ -1,6 +1,6 @@
 """One spelling for chord labels from every dataset: ``ROOT:quality``.
 
-The root is a pitch class spelt with sharps as in :data:`musicbert.shards.PITCH_CLASSES`
+The root is a pitch class spelt with sharps as in :data:`musicbert.tokenizer.chords.PITCH_CLASSES`
 (``Db`` and ``C#`` are both ``C#``); an inversion's bass (``/3``) is dropped. Qualities that
 are one of the seven the project's chord labels use keep that name (``maj``, ``min``,
 ``dim``, ``aug``, ``dom7``, ``maj7``, ``min7``); any other quality is kept as written
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from musicbert.shards import PITCH_CLASSES
+from musicbert.tokenizer.chords import PITCH_CLASSES
 
 NATURALS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 ROOT = re.compile(r"([A-G])([#b]*)(.*)")

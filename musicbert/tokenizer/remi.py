@@ -8,7 +8,7 @@ One bar (4/4, 48 grid positions) is::
 
 Notes are sorted by (onset, drums before pitched instruments, program, pitch); exact ties
 keep the reference's order: by raw onset tick, then by the reader's instrument number and
-closing order (:mod:`preprocess.midi`), which is the order in which the reference's stable
+closing order (:mod:`musicbert.tokenizer.midi`), which is the order in which the reference's stable
 sorts leave them. A note belongs to the bar of its
 snapped onset. The song's bars run from the bar of its first note to the bar of its last
 note (empty bars at the start and end are dropped; ``bar_index`` counts from the first).
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import miditoolkit
 import numpy as np
 
+from musicbert.tokenizer.errors import MidiRejected
+from musicbert.tokenizer.midi import Limits, NoteTable, nearest_bin
 from musicbert.vocab import (
     DRUM_PROGRAM,
     DURATION_BINS,
@@ -38,8 +40,6 @@ from musicbert.vocab import (
     VELOCITY_BINS,
     VOCAB,
 )
-from preprocess.errors import MidiRejected
-from preprocess.midi import Limits, NoteTable, nearest_bin
 
 MIN_BAR_TOKENS = 30
 HEADER = 3  # Bar_0 Position_0 Tempo_t
@@ -115,21 +115,7 @@ def encode_notes(table: NoteTable, limits: Limits = Limits(), min_bar_tokens: in
         )
     tempo_bin = bar_tempo_bins(table, first_bar, n_bars)
 
-    lengths = length[kept]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.empty(int(offsets[-1]), dtype=np.uint16)
-    starts = offsets[:-1]
-    tokens[starts] = VOCAB.bar_id
-    tokens[starts + 1] = VOCAB.position_range[0]
-    tokens[starts + 2] = VOCAB.tempo_range[0] + tempo_bin[kept]
-    tokens[offsets[1:] - 1] = VOCAB.eob_id
-    n_note_tok = body[kept] - HEADER
-    total = int(n_note_tok.sum())
-    seg_start = np.concatenate([[0], np.cumsum(n_note_tok)[:-1]])
-    within = np.arange(total) - np.repeat(seg_start, n_note_tok)
-    src = np.repeat(NOTE_TOKENS * first_note[kept], n_note_tok) + within
-    dst = np.repeat(starts + HEADER, n_note_tok) + within
-    tokens[dst] = flat[src]
+    tokens, offsets = _kept_bar_tokens(flat, body[kept], first_note[kept], tempo_bin[kept])
     return RemiSong(
         tokens=tokens,
         offsets=offsets,
@@ -142,6 +128,29 @@ def encode_notes(table: NoteTable, limits: Limits = Limits(), min_bar_tokens: in
         velocity_bin=vel_bin[order],
         duration_bin=dur_bin[order],
     )
+
+
+def _kept_bar_tokens(
+    note_tokens: np.ndarray, body: np.ndarray, first_note: np.ndarray, tempo_bin: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, offsets)`` of the kept bars: ``Bar_0 Position_0 Tempo_t``, the bar's first
+    ``body - HEADER`` note tokens (from ``note_tokens``, the flat 5-token rows of the sorted
+    notes, starting at note ``first_note``), ``<eob>``."""
+    offsets = np.concatenate([[0], np.cumsum(body + 1)]).astype(np.int64)
+    tokens = np.empty(int(offsets[-1]), dtype=np.uint16)
+    starts = offsets[:-1]
+    tokens[starts] = VOCAB.bar_id
+    tokens[starts + 1] = VOCAB.position_range[0]
+    tokens[starts + 2] = VOCAB.tempo_range[0] + tempo_bin
+    tokens[offsets[1:] - 1] = VOCAB.eob_id
+    n_note_tok = body - HEADER
+    total = int(n_note_tok.sum())
+    seg_start = np.concatenate([[0], np.cumsum(n_note_tok)[:-1]])
+    within = np.arange(total) - np.repeat(seg_start, n_note_tok)
+    src = np.repeat(NOTE_TOKENS * first_note, n_note_tok) + within
+    dst = np.repeat(starts + HEADER, n_note_tok) + within
+    tokens[dst] = note_tokens[src]
+    return tokens, offsets
 
 
 # ---------------------------------------------------------------------------------------

@@ -66,7 +66,26 @@ from typing import NamedTuple
 
 import numpy as np
 
-from musicbert.shards import CHORD_QUALITIES, N_CHORDS, PITCH_CLASSES, chord_index
+# The chord vocabulary: a chord label is one of 12 roots x 7 qualities, column ``root * 7 + quality``.
+CHORD_QUALITIES = ("maj", "min", "dim", "aug", "dom7", "maj7", "min7")
+PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+N_CHORDS = len(PITCH_CLASSES) * len(CHORD_QUALITIES)  # 84
+#: Pitch class of a note name in any spelling chord annotations use (``Db``, ``E#``, ``Cb``...).
+PITCH_CLASS_OF_NAME = {
+    **{name: i for i, name in enumerate(PITCH_CLASSES)},
+    "Db": 1, "Eb": 3, "Gb": 6, "Ab": 8, "Bb": 10, "Cb": 11, "Fb": 4, "E#": 5, "B#": 0,
+}  # fmt: skip
+
+
+def chord_index(root: int, quality: str) -> int:
+    """Column of a chord in the chord labels (``chords.npy``): ``root * 7 + quality index``."""
+    return root * len(CHORD_QUALITIES) + CHORD_QUALITIES.index(quality)
+
+
+def chord_name(index: int) -> str:
+    """``"A:min"`` for the column of A minor."""
+    root, quality = divmod(index, len(CHORD_QUALITIES))
+    return f"{PITCH_CLASSES[root]}:{CHORD_QUALITIES[quality]}"
 
 THRESHOLD = 10.0  # a pitch class is active in a window when its summed chroma exceeds this
 WINDOWS = (1, 2, 3, 4)  # window lengths in beats
@@ -77,7 +96,7 @@ _SILENCE_SCORE = 10  # the reference scores an empty window +10
 _INVALID_SCORE = -100  # a root with neither or both thirds
 
 # interval sets per quality: (chord tones, insiders +10, outsiders -1, outsiders -2)
-_RULES = {
+QUALITY_RULES = {
     "maj": ((0, 4), (7,), (2, 5, 9), (1, 3, 6, 8, 10, 11)),
     "min": ((0, 3), (7,), (2, 5, 8), (1, 4, 6, 9, 11)),
     "dim": ((0, 3, 6), (9,), (2, 5, 10), (1, 4, 7, 8, 11)),
@@ -109,7 +128,7 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     quality[major & h(8)] = q["aug"]
 
     weight = np.zeros((len(CHORD_QUALITIES), 12), dtype=np.int64)
-    for name, (_tones, inside, out1, out2) in _RULES.items():
+    for name, (_tones, inside, out1, out2) in QUALITY_RULES.items():
         weight[q[name], list(inside)] = 10
         weight[q[name], list(out1)] = -1
         weight[q[name], list(out2)] = -2
@@ -126,6 +145,13 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 _LUT_SCORE, _LUT_QUALITY, _LUT_TIED = _build_tables()
 _BITS = (1 << np.arange(12)).astype(np.int64)
+
+
+def chord_quality(pitch_classes: Sequence[int], root: int) -> str | None:
+    """The quality the rules above give the sounding ``pitch_classes`` read with ``root`` as
+    the root (None: no chord on that root, e.g. neither or both thirds)."""
+    code = int(_LUT_QUALITY[sum(1 << (pc % 12) for pc in set(pitch_classes)), root])
+    return CHORD_QUALITIES[code] if code != NO_CHORD else None
 
 
 class BeatChroma(NamedTuple):

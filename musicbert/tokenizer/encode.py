@@ -1,7 +1,7 @@
 """One MIDI file -> one :class:`musicbert.shards.Song` (tokens of the kept bars + labels).
 
 :func:`song_from_midi` is what every preprocessing worker runs on a file. It raises
-:class:`preprocess.errors.MidiRejected` (with a reason) for every file it does not use.
+:class:`musicbert.tokenizer.errors.MidiRejected` (with a reason) for every file it does not use.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from musicbert.shards import Song
-from preprocess.errors import MidiRejected
-from preprocess.labels import bar_labels
-from preprocess.midi import Limits, ParsedMidi, check_4_4, note_table, read_midi
-from preprocess.remi import encode_notes
+from musicbert.tokenizer.errors import MidiRejected
+from musicbert.tokenizer.labels import bar_labels
+from musicbert.tokenizer.midi import Limits, ParsedMidi, check_4_4, note_table, read_midi
+from musicbert.tokenizer.remi import encode_notes
 
 
 def song_id(rel_path: str) -> str:
@@ -25,7 +25,7 @@ def song_id(rel_path: str) -> str:
 
 def song_from_midifile(midi: ParsedMidi, rel_path: str, limits: Limits = Limits(),
                        chords: bool = True) -> Song:
-    """Encode an already read file (``preprocess.midi.parse_midi_bytes`` of bytes built in memory, in tests)."""
+    """Encode an already read file (``musicbert.tokenizer.midi.parse_midi_bytes`` of bytes built in memory, in tests)."""
     if midi.n_notes == 0:
         raise MidiRejected("no_notes", f"no notes ({midi.unclosed} note-ons never closed)")
     check_4_4(midi)
@@ -38,12 +38,7 @@ def song_from_midifile(midi: ParsedMidi, rel_path: str, limits: Limits = Limits(
         tokens=remi.tokens,
         offsets=remi.offsets,
         bar_index=remi.kept.astype(np.int32),
-        instruments=labels.instruments,
-        chords=labels.chords,
-        groove=labels.groove,
-        tempo=labels.tempo,
-        velocity=labels.velocity,
-        duration=labels.duration,
+        **labels.label_arrays(),
         first_bar=remi.first_bar,
     )
     song.validate()

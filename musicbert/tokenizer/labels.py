@@ -5,12 +5,14 @@ also those past a 512-token cut).
 label        definition                                                   shape, dtype
 ============ ============================================================ =============
 instruments  programs playing in the bar (drums = 128), multi-hot         [K, 129] u8
-chords       chords whose segment starts in the bar (preprocess.chords)   [K, 84] u8
+chords       chords whose segment starts in the bar (:mod:`.chords`)       [K, 84] u8
 groove       onset positions used in the bar (0..47), multi-hot          [K, 48] u8
 tempo        the bar's ``Tempo_`` bin index (0..31)                        [K] u8
 velocity     mean raw MIDI velocity of the bar's notes                     [K] f32
 duration     mean ``Duration_`` bin index of the bar's notes               [K] f32
 ============ ============================================================ =============
+
+(names, dtypes and widths as :data:`musicbert.label_schema.BAR_LABELS` declares them)
 
 Chords are recognised on the whole song (beats of 12 grid steps from the song's first
 bar), from the quantised, pedal-extended non-drum notes, then read off per kept bar.
@@ -18,25 +20,13 @@ bar), from the quantised, pedal-extended non-drum notes, then read off per kept 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from musicbert.shards import N_CHORDS, N_INSTRUMENTS
+from musicbert.label_schema import N_INSTRUMENTS, BarLabels
+from musicbert.tokenizer.chords import N_CHORDS, song_chord_labels
+from musicbert.tokenizer.midi import NoteTable
+from musicbert.tokenizer.remi import RemiSong
 from musicbert.vocab import BEATS_PER_BAR, POSITIONS_PER_BAR, POSITIONS_PER_BEAT
-from preprocess.chords import song_chord_labels
-from preprocess.midi import NoteTable
-from preprocess.remi import RemiSong
-
-
-@dataclass
-class BarLabels:
-    instruments: np.ndarray
-    chords: np.ndarray
-    groove: np.ndarray
-    tempo: np.ndarray
-    velocity: np.ndarray
-    duration: np.ndarray
 
 
 def bar_labels(table: NoteTable, remi: RemiSong, chords: bool = True) -> BarLabels:

@@ -1,0 +1,173 @@
+"""The whole probing run: sample, encode, score, for every chosen layer and repeat."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from musicbert.feature_store import FeatureStore
+from musicbert.inference import encode_bars, parse_layers, unwrap
+from musicbert.probes.metrics import METRICS, ProbeError, check_protocol
+from musicbert.probes.sampling import TEST_BARS_PER_SONG, TRAIN_BARS_PER_SONG, BarSample, sample_split, stage_progress
+from musicbert.probes.scoring import DEFAULT_CLUSTERS, LayerScores, score_layer
+
+if TYPE_CHECKING:
+    from musicbert.custom_labels import LabelTable
+
+
+@dataclass
+class ProbeResult:
+    """Per layer and metric, one value per repeat; plus what was sampled."""
+
+    layers: list[int]
+    values: dict[int, dict[str, list[float]]]
+    notes: list[str]
+    clusters_used: list[int]
+    train_songs: int
+    test_songs: int
+    train_bars: list[int]
+    test_bars: list[int]
+
+
+def _draw_repeat(shards_dir, split: str, per_song: int, repeat: int, max_songs, seed: int, progress: bool, desc: str) -> BarSample:
+    (sample,) = sample_split(shards_dir, split, per_song, 1, max_songs, seed=seed, first_repeat=repeat, progress=progress, desc=desc)
+    if len(sample) == 0:
+        raise ProbeError(f"split {split!r} of {shards_dir} has no bars to probe with")
+    return sample
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How one repeat's features are scored (arguments of :func:`score_layer`)."""
+
+    protocol: str
+    clusters: int
+    seed: int
+    labels: Sequence["LabelTable"]
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How features are computed and where they are kept (arguments of :func:`encode_bars`)."""
+
+    device: str | torch.device | None
+    batch_tokens: int | None
+    precision: str
+    work_dir: str | Path | None
+
+
+def _score_repeat(
+    bare: torch.nn.Module, train: BarSample, test: BarSample, layer_list: list[int], probe: ProbeSettings,
+    encode: EncodeSettings, progress: bool, stage: str,
+) -> list[tuple[int, LayerScores]]:
+    """Encode one repeat's bars into a temporary :class:`FeatureStore`, then score it layer by layer."""
+    n_train, n_all = len(train), len(train) + len(test)
+    out = []
+    with FeatureStore(len(layer_list), n_all, bare.cfg.dim, encode.work_dir) as store:
+        encode_bars(bare, train.bars + test.bars, layer_list, encode.device, encode.batch_tokens, encode.precision,
+                    progress, f"{stage}features", out=store)
+        train.bars, test.bars = [], []  # the tokens are no longer needed
+        per_layer = list(enumerate(layer_list))
+        for li, layer in stage_progress(per_layer, f"{stage}probes", "layer", len(per_layer)) if progress else per_layer:
+            scores = score_layer(store.layer(li, np.arange(n_train)), train, store.layer(li, np.arange(n_train, n_all)), test,
+                                 probe.protocol, probe.clusters, probe.seed, probe.labels)
+            out.append((layer, scores))
+    return out
+
+
+def probe_model(
+    model: torch.nn.Module,
+    shards_dir: str | Path,
+    layers: str | Sequence[int] | None = "all",
+    repeats: int = 5,
+    protocol: str = "standard",
+    clusters: int = DEFAULT_CLUSTERS,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    max_songs: int | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    train_per_song: int = TRAIN_BARS_PER_SONG,
+    test_per_song: int = TEST_BARS_PER_SONG,
+    batch_tokens: int | None = None,
+    precision: str = "fp32",
+    progress: bool = False,
+    work_dir: str | Path | None = None,
+    labels: Sequence["LabelTable"] = (),
+) -> ProbeResult:
+    """Sample, extract features and score every chosen layer, ``repeats`` times (the seven
+    metrics, then one per table of ``labels``).
+
+    Memory stays bounded as the corpus grows: one repeat is sampled at a time (each split is
+    read once per repeat; the bars are copied out of their songs), its features go to a
+    :class:`~musicbert.feature_store.FeatureStore` (a temporary file in ``work_dir``, the
+    system's temporary folder when None, deleted afterwards), and the probes read them back
+    one layer at a time. ``progress`` shows each stage (sampling, features, probes) with its
+    ETA on stderr.
+    """
+    check_protocol(protocol)
+    if repeats < 1:
+        raise ProbeError(f"repeats ({repeats}) must be >= 1")
+    bare = unwrap(model)
+    layer_list = parse_layers(layers, bare.cfg.n_layers)
+    names = (*METRICS, *(t.name for t in labels))
+    values: dict[int, dict[str, list[float]]] = {l: {m: [] for m in names} for l in layer_list}
+    notes: list[str] = []
+    clusters_used: list[int] = []
+    sizes: dict[str, list[int]] = {"train_songs": [], "test_songs": [], "train_bars": [], "test_bars": []}
+    for r in range(repeats):
+        stage = f"repeat {r + 1}/{repeats}: " if repeats > 1 else ""
+        train, test = (
+            _draw_repeat(shards_dir, split, per_song, r, max_songs, seed, progress, f"{stage}sampling {split}")
+            for split, per_song in ((train_split, train_per_song), (test_split, test_per_song))
+        )
+        for name, sample in (("train", train), ("test", test)):
+            sizes[f"{name}_songs"].append(sample.n_songs)
+            sizes[f"{name}_bars"].append(len(sample))
+        scored = _score_repeat(bare, train, test, layer_list, ProbeSettings(protocol, clusters, seed + r, labels),
+                               EncodeSettings(device, batch_tokens, precision, work_dir), progress, stage)
+        for layer, scores in scored:
+            for m, v in scores.values.items():
+                values[layer][m].append(v)
+            notes += [f"layer {layer} repeat {r + 1}: {n}" for n in scores.notes]
+            clusters_used.append(scores.clusters)
+    return ProbeResult(
+        layers=layer_list,
+        values=values,
+        notes=notes,
+        clusters_used=sorted(set(clusters_used)),
+        train_songs=sizes["train_songs"][0],
+        test_songs=sizes["test_songs"][0],
+        train_bars=sizes["train_bars"],
+        test_bars=sizes["test_bars"],
+    )
+
+
+def run_probes(
+    model: torch.nn.Module,
+    shards_dir: str | Path,
+    layers: str | Sequence[int] | None = "all",
+    max_songs: int | None = 200,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    *,
+    test_split: str = "val",
+    protocol: str = "standard",
+    clusters: int = DEFAULT_CLUSTERS,
+) -> dict[int, dict[str, float]]:
+    """The quick probe for the training loop: one repeat on the first ``max_songs`` songs of
+    the train split (fit) and of ``test_split`` (score; val by default, so the test split stays
+    held out). Returns ``{layer: {metric: value}}`` (NaN where undefined). The model is
+    given back in its previous mode; no global random state is used.
+    """
+    result = probe_model(
+        model, shards_dir, layers, repeats=1, protocol=protocol, clusters=clusters, seed=seed,
+        device=device, max_songs=max_songs, test_split=test_split,
+    )
+    return {layer: {m: v[0] for m, v in per.items()} for layer, per in result.values.items()}
+
