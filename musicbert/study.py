@@ -60,9 +60,12 @@ from typing import Any
 
 import yaml
 
+from musicbert.api import ModelLoadError
 from musicbert.checkpoint import checkpoint_path
 from musicbert.config import ConfigError, build_section, load_config, read_config_file
+from musicbert.inference import InferenceError
 from musicbert.probes import DEFAULT_CLUSTERS, PROTOCOLS, TEST_BARS_PER_SONG, TRAIN_BARS_PER_SONG
+from musicbert.shards import ShardFormatError
 from musicbert.study_report import RANDOM_INIT, aggregate, markdown_table, plot_study
 
 log = logging.getLogger("musicbert.study")
@@ -461,10 +464,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evaluate-only", action="store_true", help="evaluate trained runs and write the report (what the SLURM evaluation job runs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the study file, e.g. steps=100 seeds=[0,1] eval.repeats=2")
     args = p.parse_args(argv)
-    from musicbert.api import ModelLoadError
-    from musicbert.probes import ProbeError
-    from musicbert.shards import ShardFormatError
-
     logging.basicConfig(level=logging.INFO, format="[study %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
         study = load_study(args.config, args.overrides)
@@ -476,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.evaluate_only:
             train_local(study, runs)
         write_report(study, evaluate_all(study, runs))
-    except (ConfigError, StudyError, ModelLoadError, ProbeError, ShardFormatError) as exc:
+    except (ConfigError, StudyError, ModelLoadError, InferenceError, ShardFormatError) as exc:  # ProbeError is an InferenceError
         print(f"musicbert.study: {exc}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt):
