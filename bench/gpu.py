@@ -69,7 +69,8 @@ import train as train_bench  # bench/train.py: batches, model builders, steps
 
 from musicbert.batch import Batch
 from musicbert.config import ModelConfig
-from musicbert.model import MusicBERT, varlen_usable
+from musicbert.attention import varlen_usable
+from musicbert.model import MusicBERT
 from musicbert.monitor import peak_flops as device_peak_flops
 from musicbert.vocab import VOCAB
 

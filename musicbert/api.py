@@ -31,7 +31,6 @@ import torch
 
 from musicbert.config import config_from_dict
 from musicbert.probes import encode_bars, parse_layers, resolve_device
-from musicbert.vocab import VOCAB
 
 
 class ModelLoadError(RuntimeError):
@@ -67,15 +66,13 @@ def load_model(checkpoint: str | Path, random_init: bool = False, seed: int = 0)
     checkpoint's configuration, initialised from ``seed`` (the baseline to beat).
     ``info`` has ``checkpoint`` (the file used), ``step``, ``config`` and ``random_init``.
     """
-    from musicbert.checkpoint import CheckpointError, resolve
+    from musicbert.checkpoint import CheckpointError, check_vocabulary, resolve
 
     try:
         path, state = resolve(checkpoint, map_location="cpu")
+        check_vocabulary(state, path)
     except CheckpointError as exc:
         raise ModelLoadError(str(exc)) from exc
-    sha = state.get("vocab_sha256")
-    if sha is not None and sha != VOCAB.sha256:
-        raise ModelLoadError(f"{path}: trained with another vocabulary (hash differs from this code's)")
     try:
         cfg = config_from_dict(state["config"])
     except Exception as exc:  # noqa: BLE001 - ConfigError or a malformed dict

@@ -61,6 +61,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from musicbert.vocab import VOCAB
+
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "musicbert-checkpoint"
@@ -276,6 +278,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if m and int(m.group(1)) != state["step"]:
         raise CheckpointError(f"{path}: file name says step {int(m.group(1))} but it holds step {state['step']}")
     return state
+
+
+def check_vocabulary(state: dict, path: str | Path) -> None:
+    """Refuse a checkpoint written with another vocabulary: its token ids mean other tokens."""
+    sha = state.get("vocab_sha256")
+    if sha is not None and sha != VOCAB.sha256:
+        raise CheckpointError(f"{path}: trained with another vocabulary (hash differs from this code's)")
 
 
 def find_latest(

@@ -21,12 +21,7 @@ Training (:class:`TrainStream`)
     that continues DataLoader's round-robin order (batch ``n`` comes from worker ``n % W``).
     So the batches after a resume are exactly those an uninterrupted run would have seen.
 
-Pair views (``cfg.objective.mode``)
-    ``BERT``: none. ``BERT-aug``: :func:`~musicbert.masking.augment_bar` of the unmasked bar.
-    ``BERT-neighbor``: another bar of the same song, drawn uniformly, unmasked; a song with a
-    single bar has no neighbour, so that bar is an MLM anchor without a pair (it is not paired
-    with itself, which would be a trivially easy positive). ``BERT-dropout``: the same masked
-    tokens again; only dropout makes the two views differ. Positive views carry no MLM targets.
+Pair views (``cfg.objective.mode``): :func:`musicbert.objectives.pair_view`.
 
 Validation (:func:`val_batches`)
     One fixed pass over the val split. Shards are dealt to the ``world_size x workers`` readers
@@ -59,10 +54,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from musicbert.batch import Batch
 from musicbert.config import Config
-from musicbert.masking import augment_bar, mask_bar
-from musicbert.packing import Packer, Piece, Unit, batch_from_buffer, batch_to_buffer, empty_batch
+from musicbert.distributed import all_reduce_max
+from musicbert.masking import mask_bar
+from musicbert.objectives import pair_view
+from musicbert.batch import Batch, batch_from_buffer, batch_to_buffer
+from musicbert.packing import Packer, Piece, Unit, empty_batch
 from musicbert.shards import Song, read_manifest
 
 STATE_FORMAT = "musicbert-train-stream"
@@ -154,20 +151,10 @@ class _Shard:
 
 def make_unit(song: _SongBars, b: int, rng: np.random.Generator, cfg: Config, key: tuple[int, ...] = ()) -> Unit:
     """Bar ``b`` of ``song``: its masked anchor and the pair view of ``cfg.objective.mode``."""
-    obj = cfg.objective
     bar = song.bar(b).astype(np.int64)
-    masked, chosen = mask_bar(bar, rng, obj.mask_ratio)
-    anchor = Piece(masked, chosen, bar)
-    positive = None
-    if obj.mode == "BERT-aug":
-        positive = Piece(augment_bar(bar, rng, obj.aug_pitch_shift, obj.aug_velocity_shift))
-    elif obj.mode == "BERT-neighbor":
-        if song.n_bars > 1:
-            c = int(rng.integers(song.n_bars - 1))
-            positive = Piece(song.bar(c + (c >= b)).astype(np.int64))
-    elif obj.mode == "BERT-dropout":
-        positive = Piece(masked)
-    return Unit(anchor, positive, key)
+    masked, chosen = mask_bar(bar, rng, cfg.objective.mask_ratio)
+    positive = pair_view(cfg.objective, bar, masked, song.n_bars, b, song.bar, rng)
+    return Unit(Piece(masked, chosen, bar), None if positive is None else Piece(positive), key)
 
 
 def _n_rows(cfg: Config) -> int:
@@ -475,9 +462,7 @@ def _all_ranks_any(flag: bool) -> bool:
     """True while any rank still has a batch (one tiny all_reduce)."""
     backend = str(dist.get_backend())
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend and "gloo" not in backend else torch.device("cpu")
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_reduce_max([float(flag)], device).item())
 
 
 def val_batches(

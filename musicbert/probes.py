@@ -81,6 +81,7 @@ import numpy as np
 import torch
 
 from musicbert.feature_store import FeatureRows, FeatureStore, as_rows
+from musicbert.model import unwrap
 from musicbert.packing import pack_bars
 from musicbert.shards import N_CHORDS, N_INSTRUMENTS, read_manifest
 from musicbert.vocab import GM_PROGRAM_NAMES, TEMPO_BINS, VOCAB
@@ -244,15 +245,6 @@ def stage_progress(items: Iterable, desc: str, unit: str, total: int | None) -> 
 
 
 # ----------------------------------------------------------------------------- features
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def parse_layers(spec: str | int | Sequence[int] | None, n_layers: int) -> list[int]:

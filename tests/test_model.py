@@ -8,7 +8,8 @@ import torch
 from musicbert.batch import Batch
 from musicbert.config import ConfigError, ModelConfig, config_from_dict
 from musicbert.contrastive import nt_xent
-from musicbert.model import MusicBERT, apply_rotary, rotary_cos_sin, segment_positions
+from musicbert.attention import apply_rotary, rotary_cos_sin
+from musicbert.model import MusicBERT, segment_positions
 from musicbert.vocab import VOCAB
 
 TINY = dict(vocab_size=len(VOCAB), dim=64, n_layers=2, n_heads=4, ff_dim=128, max_len=128, dropout=0.1, rotary_dims=8)
@@ -151,7 +152,7 @@ def math_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
 
 
 def test_varlen_plan_cuts_bars_and_padding_runs():
-    from musicbert.model import PAD_RUN, plan_varlen
+    from musicbert.attention import PAD_RUN, plan_varlen
 
     L = 2 * PAD_RUN + 40
     segments = torch.zeros(3, L, dtype=torch.long)
@@ -169,9 +170,10 @@ def test_varlen_layout_wiring_matches_rows(monkeypatch):
     """The varlen layout's plumbing (q/k/v layout, rotary, cu_seqlens, output order) with the
     flash kernel replaced by its math definition, on CPU; the kernel itself is checked on a GPU
     by bench/gpu.py."""
+    import musicbert.attention as attention_mod
     import musicbert.model as model_mod
 
-    monkeypatch.setattr(model_mod, "varlen_attn", math_varlen_attn)
+    monkeypatch.setattr(attention_mod, "varlen_attn", math_varlen_attn)
     monkeypatch.setattr(model_mod, "varlen_usable", lambda device, dtype: True)
     bars = random_bars(7, seed=5, lo=3, hi=70)
     tokens, segments = packed([bars[0:3], bars[3:5], bars[5:7]], length=200)
