@@ -1,26 +1,21 @@
 #!/usr/bin/env python3
-"""Pre-train MusicBERT with DistributedDataParallel. Read top to bottom: this file is the loop.
+"""Pre-train MusicBERT with DistributedDataParallel. Read top to bottom: :func:`train` is the run.
 
 Usage (one node, 4 GPUs; CPU: the same with gloo, one rank per core you give it)::
 
     torchrun --standalone --nproc_per_node=4 train_ddp.py --config configs/neighbor.yaml \\
         run_dir=runs/neighbor train.max_steps=1000        # dotted overrides, parsed as YAML
 
-What one step does, on every rank
-    1. take ``train.accum_steps`` packed batches from this rank's :class:`~musicbert.data.TrainStream`;
-    2. one all_reduce of the masked-token and pair counts, so that the MLM (and NT-Xent) loss is
-       normalised by the GLOBAL number of terms: each rank back-propagates
-       ``world_size x (its sum) / (global count)``, and DDP's gradient averaging turns that into the
-       gradient of the global mean, whatever the ranks' shares;
-    3. forward + backward of each micro-batch under autocast (bf16 / fp16 + GradScaler / fp32),
-       DDP's gradient all_reduce only on the last one (``no_sync`` on the others);
-    4. unscale, clip the gradient norm, then one all_reduce of the step's statistics, a
-       non-finite-loss flag and a stop flag (SIGTERM/SIGUSR1 seen by any rank): all ranks agree
-       whether to apply the update, skip it (NaN/inf) or stop after it;
-    5. Noam learning rate (``musicbert/schedule.py``), AdamW step.
-    Then, at their intervals: log (rank 0: ``RUN_DIR/log.jsonl``, ``RUN_DIR/tb``), validate (all
-    ranks, unwrapped model, local sums and one all_reduce), probe (rank 0, others wait at a
-    barrier), checkpoint (every rank's RNG and data position gathered to rank 0, which writes).
+What one step does, on every rank (``musicbert/train_step.py``)
+    take ``train.accum_steps`` packed batches from this rank's :class:`~musicbert.data.TrainStream`;
+    normalise the MLM (and NT-Xent) loss (``musicbert/objectives.py``) by the GLOBAL number of
+    terms; forward + backward under autocast, DDP's gradient all_reduce on the last micro-batch
+    only; clip; agree on all ranks whether to apply the update, skip it (NaN/inf) or stop after
+    it (SIGTERM/SIGUSR1 seen by any rank); Noam learning rate (``musicbert/schedule.py``), AdamW.
+    Then, at their intervals: log (rank 0: ``RUN_DIR/log.jsonl``, ``RUN_DIR/tb``; figures:
+    ``musicbert/meter.py``), validate (all ranks, ``musicbert/validation.py``), probe (rank 0,
+    others wait at a barrier), checkpoint (``musicbert/checkpoint.py``'s :class:`Checkpointer`:
+    every rank's RNG and data position gathered to rank 0, which writes).
 
 Run folder (``run_dir``)
     ``checkpoints/step_XXXXXXXX.pt`` (+ ``.sha256``), ``log.jsonl`` (+ ``log.rewound.jsonl``),
@@ -87,19 +82,23 @@ EXIT_ERROR, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 3
 
 # ----------------------------------------------------------------------------- signals
 
-_stop_signal: int | None = None  # set by the handler; the loop agrees on it at the next step boundary
+class StopSignals:
+    """SIGTERM and SIGUSR1 only set :attr:`received`; the loop agrees on it at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        """Installed before the data workers fork, so they inherit this harmless handler instead
+        of dying mid-checkpoint when the process group is signalled."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.received = signum
 
 
-def _on_stop_signal(signum, _frame) -> None:
-    global _stop_signal
-    _stop_signal = signum
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM and SIGUSR1 only set a flag. Installed before the data workers fork, so they
-    inherit this harmless handler instead of dying mid-checkpoint when the process group is signalled."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _on_stop_signal)
+stop_signals = StopSignals()
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -409,7 +408,7 @@ def train(cfg: Config, info: dist_utils.DistInfo, start_over: bool = False) -> i
             while step < max_steps:
                 t_step = time.time()
                 micro = next_micro_batches(stream, tc.accum_steps)
-                report = take_step(micro, step + 1, _stop_signal is not None, monitor.error is not None)
+                report = take_step(micro, step + 1, stop_signals.received is not None, monitor.error is not None)
                 if report.log_failed:  # rank 0 could not write log.jsonl at the previous step: stop, on every rank
                     raise RunStopped(EXIT_ERROR, io_error_line(monitor.error) if monitor.error else "")
                 step += 1
@@ -454,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"train_ddp.py: {exc}", file=sys.stderr)
         return 2
-    install_signal_handlers()
+    stop_signals.install()
     info = dist_utils.setup()
     setup_logging(info.rank)
     try:
