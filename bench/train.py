@@ -344,6 +344,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def make_inputs(shards: str | None, n_batches: int, max_tokens: int, row_len: int, seed: int) -> tuple[str, list[Batch], list[Padded], list[Padded]]:
+    """``(origin of the bars, packed batches, the same bars padded, the bars in random padded batches)``."""
+    shards, origin = find_or_make_shards(shards)
+    t = time.perf_counter()
+    packed = make_batches(shards, n_batches, max_tokens, row_len, seed)
+    same = [padded_same_steps(b) for b in packed]
+    user = padded_shuffled(packed, seed)
+    log(f"bars: {origin} ({shards}); {n_batches} distinct batches of room {max_tokens} "
+        f"({max_tokens // row_len} rows x {row_len}), made in {time.perf_counter() - t:.1f} s")
+    describe_batches(packed, same, user)
+    return origin, packed, same, user
+
+
 def describe_batches(packed: list[Batch], same: list[Padded], user: list[Padded]) -> None:
     """Bars, tokens, masked positions and pairs per batch, and the share of real positions per layout."""
     n = len(packed)
@@ -442,6 +455,17 @@ def profile_steps(runs: dict[str, Callable[[int], float]], cuda: bool) -> None:
         log(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))
 
 
+def log_cpu_memory(packed: list[Batch], same: list[Padded], size: str, dropout: float, attention: str | None) -> None:
+    """Peak memory of one training step of each model on the largest batch, each in a fresh process."""
+    real = [b.n_real_tokens for b in packed]
+    big = max(range(len(packed)), key=lambda i: real[i])
+    for which, batch in (("ours", packed[big]), ("hf", same[big])):
+        b = cpu_peak_bytes(which, size, dropout, attention, batch)
+        if b is not None:
+            log(f"peak memory of one training step, {which}: {b / 2**20:.0f} MiB "
+                f"(RSS growth of a fresh process: model, AdamW state, activations; {real[big]} real tokens)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
@@ -469,15 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"size {size}: dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, ff {s['ff_dim']}; dropout {args.dropout}; "
         f"{'bf16 autocast' if cuda else 'fp32'}")
 
-    shards, origin = find_or_make_shards(args.shards)
     n_batches = min(steps, args.distinct)
-    t = time.perf_counter()
-    packed = make_batches(shards, n_batches, max_tokens, args.row_len, args.seed)
-    same = [padded_same_steps(b) for b in packed]
-    user = padded_shuffled(packed, args.seed)
-    log(f"bars: {origin} ({shards}); {n_batches} distinct batches of room {max_tokens} "
-        f"({max_tokens // args.row_len} rows x {args.row_len}), made in {time.perf_counter() - t:.1f} s")
-    describe_batches(packed, same, user)
+    origin, packed, same, user = make_inputs(args.shards, n_batches, max_tokens, args.row_len, args.seed)
 
     packed_dev = [b.to(device) for b in packed]
     same_dev = [p.to(device) for p in same]
@@ -517,13 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         profile_steps(runs, cuda)
 
     if not cuda and not args.no_memory:
-        big = max(range(n_batches), key=lambda i: real[i])
         del ours, hf, opt_ours, opt_hf, runs
-        for which, batch in (("ours", packed[big]), ("hf", same[big])):
-            b = cpu_peak_bytes(which, size, args.dropout, args.attention, batch)
-            if b is not None:
-                log(f"peak memory of one training step, {which}: {b / 2**20:.0f} MiB "
-                    f"(RSS growth of a fresh process: model, AdamW state, activations; {real[big]} real tokens)")
+        log_cpu_memory(packed, same, size, args.dropout, args.attention)
 
     if origin != "real":
         log("WARNING: bars were SYNTHETIC (the preprocessor could not be run); figures are indicative only")
