@@ -50,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from musicbert.batch import Batch
+from musicbert.batch import Batch, bar_lengths
 from musicbert.config import Config, DataConfig, ModelConfig, ObjectiveConfig
 from musicbert.contrastive import nt_xent
 from musicbert.model import training_flops
@@ -144,12 +144,8 @@ def bars_of(batch: Batch) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list
     """The bars of a packed batch in bar order, as (input ids, labels with -100), and its pairs."""
     originals = torch.full_like(batch.tokens, -100)
     originals[batch.mlm_mask] = batch.mlm_targets
-    bars = []
-    for r in range(batch.tokens.shape[0]):
-        seg = batch.segments[r]
-        for k in range(1, int(seg.max()) + 1):
-            where = seg == k
-            bars.append((batch.tokens[r][where], originals[r][where]))
+    spans = zip(batch.bar_starts().tolist(), bar_lengths(batch.segments).tolist())
+    bars = [(batch.tokens[r, c : c + n], originals[r, c : c + n]) for (r, c), n in spans]
     return bars, list(zip(batch.pair_anchor.tolist(), batch.pair_positive.tolist()))
 
 
