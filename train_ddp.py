@@ -82,6 +82,7 @@ EXIT_ERROR, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 3
 
 # ----------------------------------------------------------------------------- signals
 
+
 class StopSignals:
     """SIGTERM and SIGUSR1 only set :attr:`received`; the loop agrees on it at the next step boundary."""
 
