@@ -53,10 +53,16 @@ sys.path.insert(0, str(REPO))
 from musicbert.batch import Batch, bar_lengths
 from musicbert.config import Config, DataConfig, ModelConfig, ObjectiveConfig
 from musicbert.contrastive import nt_xent
-from musicbert.model import training_flops
+from musicbert.data import TrainStream
+from musicbert.model import MusicBERT, training_flops
 from musicbert.monitor import peak_flops as device_peak_flops
 from musicbert.objectives import PretrainingLoss
+from musicbert.shards import ShardFormatError, read_manifest
 from musicbert.vocab import VOCAB
+
+#: 1.0 x MLM + 0.1 x NT-Xent on BERT-neighbor pairs, for both models.
+OBJECTIVE = ObjectiveConfig(mode="BERT-neighbor", mlm_weight=1.0, nce_weight=0.1, temperature=0.1)
+
 
 SIZES = {
     "tiny": {"dim": 64, "n_layers": 2, "n_heads": 2, "ff_dim": 128},  # bench/gpu.py --dry-run
@@ -76,8 +82,6 @@ def find_or_make_shards(path: str | None) -> tuple[str, str]:
     """A shard folder and a word saying where its bars come from ("real" or "SYNTHETIC")."""
     if path:
         return path, "real"
-    from musicbert.shards import ShardFormatError, read_manifest
-
     out = REPO / "runs" / "bench" / "shards"
     if (out / "manifest.json").is_file():
         try:
@@ -104,9 +108,6 @@ def find_or_make_shards(path: str | None) -> tuple[str, str]:
 
 
 def make_batches(shards: str, n: int, max_tokens: int, row_len: int, seed: int) -> list[Batch]:
-    from musicbert.data import TrainStream
-    from musicbert.shards import read_manifest
-
     cfg = Config(
         model=ModelConfig(),
         objective=OBJECTIVE,
@@ -205,13 +206,7 @@ def padded_shuffled(batches: list[Batch], seed: int) -> list[Padded]:
 # --------------------------------------------------------------------------- models and steps
 
 
-#: 1.0 x MLM + 0.1 x NT-Xent on BERT-neighbor pairs, for both models.
-OBJECTIVE = ObjectiveConfig(mode="BERT-neighbor", mlm_weight=1.0, nce_weight=0.1, temperature=0.1)
-
-
 def build_ours(size: str, dropout: float, device: torch.device, attention: str | None = None):
-    from musicbert.model import MusicBERT
-
     kwargs = {"attention": attention} if attention else {}
     model = MusicBERT(ModelConfig(vocab_size=len(VOCAB), max_len=512, dropout=dropout, **SIZES[size]), **kwargs).to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
