@@ -116,78 +116,59 @@ if [[ $stopping == 1 ]]; then exit 0; fi
 exit "$rc"
 '
 
-run_job() {
-    [[ $# -ge 1 ]] || die "usage: sbatch launch.sh CONFIG [overrides...]"
-    local repo=${MUSICBERT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
-    cd "$repo" || die "cannot cd to $repo"
-    local config=$1
-    shift
-    [[ -f $config ]] || die "config file not found: $config (relative paths are from $repo)"
+# ---- the batch job: small steps, called in order by run_job below
 
-    # RUN_DIR: stable across requeues (the job id is kept); a run_dir= override wins.
-    local run_dir=${RUN_DIR:-${RUNS_ROOT:-runs}/${SLURM_JOB_NAME:-musicbert}-${SLURM_JOB_ID}}
+# Sets RUN_DIR_OF_JOB: stable across requeues (the job id is kept); a run_dir= override wins.
+resolve_run_dir() {
+    RUN_DIR_OF_JOB=${RUN_DIR:-${RUNS_ROOT:-runs}/${SLURM_JOB_NAME:-musicbert}-${SLURM_JOB_ID}}
     local arg
     for arg in "$@"; do
-        [[ $arg == run_dir=* ]] && run_dir=${arg#run_dir=}
+        [[ $arg == run_dir=* ]] && RUN_DIR_OF_JOB=${arg#run_dir=}
     done
-    mkdir -p "$run_dir"
+    mkdir -p "$RUN_DIR_OF_JOB"
+}
 
-    local restarts=${SLURM_RESTART_COUNT:-0}
-    log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $restarts on ${SLURM_JOB_NODELIST:-?}; run dir $run_dir"
-    local train_script=${TRAIN_SCRIPT:-train_ddp.py}
-    [[ -f $train_script ]] || die "$train_script not found in $repo: submit from the repository root (or with ./launch.sh)"
-    # The SLURM log, findable from the run dir.
+# The SLURM log, findable from the run dir.
+link_slurm_log() {
     local out
     out=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p')
-    [[ -n $out && -e $out ]] && ln -sfn "$out" "$run_dir/slurm-$SLURM_JOB_ID.out"
-    # COMPLETE as it was before this run: a run already complete is train_ddp.py's to
-    # recognise (it exits at once, or continues when train.max_steps was raised).
-    complete_before=$(complete_stamp "$run_dir")
+    [[ -n $out && -e $out ]] && ln -sfn "$out" "$1/slurm-$SLURM_JOB_ID.out"
+    return 0
+}
 
-    # Which python / torchrun.
-    local python=${PYTHON:-}
+# Sets the array TORCHRUN_CMD: which python / torchrun.
+pick_torchrun() {
+    local repo=$1 python=${PYTHON:-}
     if [[ -z $python && -x $repo/.venv/bin/python ]]; then python=$repo/.venv/bin/python; fi
-    local torchrun
     if [[ -n ${TORCHRUN:-} ]]; then
-        read -r -a torchrun <<<"$TORCHRUN"
+        read -r -a TORCHRUN_CMD <<<"$TORCHRUN"
     elif [[ -n $python ]]; then
-        torchrun=("$python" -m torch.distributed.run)
+        TORCHRUN_CMD=("$python" -m torch.distributed.run)
     elif command -v torchrun >/dev/null; then
-        torchrun=(torchrun)
+        TORCHRUN_CMD=(torchrun)
     else
-        torchrun=(python3 -m torch.distributed.run)
+        TORCHRUN_CMD=(python3 -m torch.distributed.run)
     fi
+}
 
-    # Processes per node: GPUs on the node, or CPUs in CPU mode.
-    local nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}} nproc
+# Sets NPROC: processes per node, the GPUs on the node, or CPUs in CPU mode.
+procs_per_node() {
     if cpu_mode; then
-        nproc=${NPROC_PER_NODE:-${SLURM_CPUS_PER_TASK:-1}}
+        NPROC=${NPROC_PER_NODE:-${SLURM_CPUS_PER_TASK:-1}}
         export CUDA_VISIBLE_DEVICES=""
     else
-        nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${GPUS_PER_NODE:-}}}
-        if [[ -z $nproc && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-            nproc=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+        NPROC=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${GPUS_PER_NODE:-}}}
+        if [[ -z $NPROC && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+            NPROC=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
         fi
-        [[ -n $nproc && $nproc -gt 0 ]] || die "no GPUs in this job (use GPUS_PER_NODE=0 or MUSICBERT_CPU=1 for CPU mode)"
+        [[ -n $NPROC && $NPROC -gt 0 ]] || die "no GPUs in this job (use GPUS_PER_NODE=0 or MUSICBERT_CPU=1 for CPU mode)"
     fi
-    local host=${RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-    local port=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 10000))}
-    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
-    if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_PER_TASK:-} ]]; then
-        export OMP_NUM_THREADS=$((SLURM_CPUS_PER_TASK / nproc > 0 ? SLURM_CPUS_PER_TASK / nproc : 1))
-    fi
+}
 
-    local cmd=("${torchrun[@]}" --nnodes="$nnodes" --nproc_per_node="$nproc"
-        --rdzv_backend=c10d --rdzv_endpoint="$host:$port" --rdzv_id="$SLURM_JOB_ID"
-        --max_restarts=0
-        "$train_script" --config "$config" run_dir="$run_dir" "$@")
-    local srun_opts=(--nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
-    # Slurm 22.05 steps do not inherit --cpus-per-task from the job: say it again.
-    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-    log "srun ${srun_opts[*]} ${cmd[*]}"
-
-    # Signals reach a bash trap only while bash waits: run srun in the background and
-    # wait in short sleeps, so that the loop can also repeat the stop request.
+# Runs srun "$@" (the node tasks) and returns its status. Signals reach a bash trap only while
+# bash waits: srun runs in the background and the loop waits in short sleeps, so that it can
+# also repeat the stop request. Sets preempted / cancelled for finish_job.
+run_steps() {
     preempted=0 cancelled=0 last_stop=-1000
     # shellcheck disable=SC2317  # trap handlers
     on_usr1() {
@@ -203,7 +184,7 @@ run_job() {
     trap on_usr1 USR1
     trap on_term TERM
 
-    srun "${srun_opts[@]}" bash -c "$NODE_TASK" node-task "${cmd[@]}" &
+    srun "$@" &
     local srun_pid=$! sleep_pid
     while kill -0 "$srun_pid" 2>/dev/null; do
         if [[ $preempted == 1 && $cancelled == 0 ]] && ((SECONDS - last_stop >= 20)); then
@@ -219,9 +200,12 @@ run_job() {
         wait "$sleep_pid" 2>/dev/null || kill "$sleep_pid" 2>/dev/null
     done
     wait "$srun_pid"
-    local rc=$?
-    log "training processes exited with status $rc"
+}
 
+# Exits the job: 0 when the run completed (COMPLETE changed) or was requeued after a
+# preemption warning, 3 when the requeue failed, else the training's status.
+finish_job() {
+    local rc=$1 run_dir=$2 complete_before=$3
     if [[ -e $run_dir/COMPLETE && $(complete_stamp "$run_dir") != "$complete_before" ]]; then
         log "run complete: $run_dir/COMPLETE"
         exit 0
@@ -242,6 +226,48 @@ run_job() {
         log "train_ddp.py failed (status $rc)"
     fi
     exit "$rc"
+}
+
+run_job() {
+    [[ $# -ge 1 ]] || die "usage: sbatch launch.sh CONFIG [overrides...]"
+    local repo=${MUSICBERT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+    cd "$repo" || die "cannot cd to $repo"
+    local config=$1
+    shift
+    [[ -f $config ]] || die "config file not found: $config (relative paths are from $repo)"
+    resolve_run_dir "$@"
+    local run_dir=$RUN_DIR_OF_JOB
+    log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}; run dir $run_dir"
+    local train_script=${TRAIN_SCRIPT:-train_ddp.py}
+    [[ -f $train_script ]] || die "$train_script not found in $repo: submit from the repository root (or with ./launch.sh)"
+    link_slurm_log "$run_dir"
+    # COMPLETE as it was before this run: a run already complete is train_ddp.py's to
+    # recognise (it exits at once, or continues when train.max_steps was raised).
+    local complete_before
+    complete_before=$(complete_stamp "$run_dir")
+
+    pick_torchrun "$repo"
+    procs_per_node
+    local nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+    local host=${RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+    local port=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 10000))}
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
+    if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+        export OMP_NUM_THREADS=$((SLURM_CPUS_PER_TASK / NPROC > 0 ? SLURM_CPUS_PER_TASK / NPROC : 1))
+    fi
+    local cmd=("${TORCHRUN_CMD[@]}" --nnodes="$nnodes" --nproc_per_node="$NPROC"
+        --rdzv_backend=c10d --rdzv_endpoint="$host:$port" --rdzv_id="$SLURM_JOB_ID"
+        --max_restarts=0
+        "$train_script" --config "$config" run_dir="$run_dir" "$@")
+    local srun_opts=(--nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
+    # Slurm 22.05 steps do not inherit --cpus-per-task from the job: say it again.
+    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    log "srun ${srun_opts[*]} ${cmd[*]}"
+
+    local rc=0
+    run_steps "${srun_opts[@]}" bash -c "$NODE_TASK" node-task "${cmd[@]}" || rc=$?
+    log "training processes exited with status $rc"
+    finish_job "$rc" "$run_dir" "$complete_before"
 }
 
 complete_stamp() {  # what RUN_DIR/COMPLETE is now: mtime and content ("" if absent)

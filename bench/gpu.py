@@ -8,7 +8,7 @@ Run (one GPU; about 4-6 minutes, each phase capped by its time budget, 7.7 minut
 Phases (a phase that fails or runs out of time records its error in the JSON; the next runs):
 
 1. ``correctness``: every attention layout (``bars``, ``rows``, ``varlen``; see
-   :mod:`musicbert.model`) against plain math attention (the ``rows`` layout under SDPA's MATH
+   :mod:`musicbert.attention`) against plain math attention (the ``rows`` layout under SDPA's MATH
    backend, fp32, TF32 off) on one packed batch of real bars, with the widths of the timed
    model and 2 layers, dropout 0: the hidden states of real tokens, the MLM logits, the bar
    states, and the gradient of every parameter (loss = MLM cross-entropy + mean squared last-layer
@@ -67,10 +67,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import train as train_bench  # bench/train.py: batches, model builders, steps
 
+from musicbert.attention import varlen_usable
 from musicbert.batch import Batch
 from musicbert.config import ModelConfig
-from musicbert.model import MusicBERT, varlen_usable
+from musicbert.model import MusicBERT
 from musicbert.monitor import peak_flops as device_peak_flops
+from musicbert.objectives import PretrainingLoss
 from musicbert.vocab import VOCAB
 
 LAYOUTS = ("bars", "rows", "varlen")
@@ -256,7 +258,7 @@ def time_steps(deadline: float, plan: Plan, device: torch.device, step, tokens: 
 def measure_speed(deadline: float, plan: Plan, device: torch.device, batches: list[Batch], compile_blocks: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    nt_xent, _ = train_bench.nt_xent_fn()
+    loss_fn = PretrainingLoss(train_bench.OBJECTIVE)
     padded = [train_bench.padded_same_steps(b) for b in batches]
     tokens = [b.n_real_tokens for b in batches]
     flops = [train_bench.useful_flops(plan.size, p) for p in padded]
@@ -271,9 +273,9 @@ def measure_speed(deadline: float, plan: Plan, device: torch.device, batches: li
     def ours(layout: str, compiled: bool):
         if layout == "varlen" and not varlen_usable(device, dtype or torch.float32):
             return None
-        return lambda: _build(plan, device, layout, compiled), lambda m, o, i: train_bench.step_ours(m, o, packed_dev[i], nt_xent, amp)
+        return lambda: _build(plan, device, layout, compiled), lambda m, o, i: train_bench.step_ours(m, o, packed_dev[i], loss_fn, amp)
 
-    hf = (lambda: train_bench.build_hf(plan.size, 0.0, device), lambda m, o, i: train_bench.step_hf(m, o, padded_dev[i], nt_xent, amp))
+    hf = (lambda: train_bench.build_hf(plan.size, 0.0, device), lambda m, o, i: train_bench.step_hf(m, o, padded_dev[i], amp))
     if importlib.util.find_spec("transformers") is None:
         hf = None
     # The compiled variant goes last: compiling may take long, and it must not starve the others.

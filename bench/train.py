@@ -32,6 +32,7 @@ Needs ``transformers`` (``pip install -e '.[bench]'``); it is never a runtime de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import multiprocessing as mp
 import resource
@@ -40,20 +41,28 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from musicbert.batch import Batch
+from musicbert.batch import Batch, bar_lengths
 from musicbert.config import Config, DataConfig, ModelConfig, ObjectiveConfig
-from musicbert.model import training_flops
+from musicbert.contrastive import nt_xent
+from musicbert.data import TrainStream
+from musicbert.model import MusicBERT, training_flops
 from musicbert.monitor import peak_flops as device_peak_flops
+from musicbert.objectives import PretrainingLoss
+from musicbert.shards import ShardFormatError, read_manifest
 from musicbert.vocab import VOCAB
+
+#: 1.0 x MLM + 0.1 x NT-Xent on BERT-neighbor pairs, for both models.
+OBJECTIVE = ObjectiveConfig(mode="BERT-neighbor", mlm_weight=1.0, nce_weight=0.1, temperature=0.1)
+
 
 SIZES = {
     "tiny": {"dim": 64, "n_layers": 2, "n_heads": 2, "ff_dim": 128},  # bench/gpu.py --dry-run
@@ -73,8 +82,6 @@ def find_or_make_shards(path: str | None) -> tuple[str, str]:
     """A shard folder and a word saying where its bars come from ("real" or "SYNTHETIC")."""
     if path:
         return path, "real"
-    from musicbert.shards import ShardFormatError, read_manifest
-
     out = REPO / "runs" / "bench" / "shards"
     if (out / "manifest.json").is_file():
         try:
@@ -101,12 +108,9 @@ def find_or_make_shards(path: str | None) -> tuple[str, str]:
 
 
 def make_batches(shards: str, n: int, max_tokens: int, row_len: int, seed: int) -> list[Batch]:
-    from musicbert.data import TrainStream
-    from musicbert.shards import read_manifest
-
     cfg = Config(
         model=ModelConfig(),
-        objective=ObjectiveConfig(mode="BERT-neighbor"),
+        objective=OBJECTIVE,
         data=DataConfig(shards=shards, max_tokens=max_tokens, row_len=row_len, workers=0, seed=seed),
     )
     urls = read_manifest(shards).shard_paths("train")
@@ -141,12 +145,8 @@ def bars_of(batch: Batch) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list
     """The bars of a packed batch in bar order, as (input ids, labels with -100), and its pairs."""
     originals = torch.full_like(batch.tokens, -100)
     originals[batch.mlm_mask] = batch.mlm_targets
-    bars = []
-    for r in range(batch.tokens.shape[0]):
-        seg = batch.segments[r]
-        for k in range(1, int(seg.max()) + 1):
-            where = seg == k
-            bars.append((batch.tokens[r][where], originals[r][where]))
+    spans = zip(batch.bar_starts().tolist(), bar_lengths(batch.segments).tolist())
+    bars = [(batch.tokens[r, c : c + n], originals[r, c : c + n]) for (r, c), n in spans]
     return bars, list(zip(batch.pair_anchor.tolist(), batch.pair_positive.tolist()))
 
 
@@ -206,30 +206,7 @@ def padded_shuffled(batches: list[Batch], seed: int) -> list[Padded]:
 # --------------------------------------------------------------------------- models and steps
 
 
-def _nt_xent_local(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = F.normalize(torch.cat([a, b]).float(), dim=-1)
-    sim = z @ z.t() / temperature
-    n = a.shape[0]
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=sim.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(sim.device)
-    return F.cross_entropy(sim, target)
-
-
-def nt_xent_fn():
-    try:
-        from musicbert.contrastive import nt_xent
-
-        def loss_only(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-            return nt_xent(a, b, temperature)[0]  # it returns (loss, top-1 accuracy)
-
-        return loss_only, "musicbert.contrastive.nt_xent"
-    except ImportError:
-        return _nt_xent_local, "local NT-Xent (musicbert.contrastive not found)"
-
-
 def build_ours(size: str, dropout: float, device: torch.device, attention: str | None = None):
-    from musicbert.model import MusicBERT
-
     kwargs = {"attention": attention} if attention else {}
     model = MusicBERT(ModelConfig(vocab_size=len(VOCAB), max_len=512, dropout=dropout, **SIZES[size]), **kwargs).to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
@@ -259,25 +236,24 @@ def build_hf(size: str, dropout: float, device: torch.device):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
 
-def step_ours(model, opt, batch: Batch, nt_xent, autocast) -> float:
+def step_ours(model, opt, batch: Batch, loss_fn: PretrainingLoss, autocast) -> float:
     with autocast():
         out = model.forward_batch(batch)
-        mlm = F.cross_entropy(out.mlm_logits.float(), batch.mlm_targets)
-        z = out.bar_states[-1]
-        nce = nt_xent(z[batch.pair_anchor], z[batch.pair_positive], 0.1)
-        loss = mlm + 0.1 * nce
+        terms = loss_fn.terms(out, batch)
+        loss = loss_fn.weighted(terms, 1.0 / max(1, terms["mlm_count"]))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
-def step_hf(model, opt, p: Padded, nt_xent, autocast) -> float:
+def step_hf(model, opt, p: Padded, autocast) -> float:
+    """HF's own MLM loss (a mean over the labelled positions) + the same weighted NT-Xent."""
     with autocast():
         out = model(input_ids=p.input_ids, attention_mask=p.attention_mask, labels=p.labels, output_hidden_states=True)
         z = out.hidden_states[-1][:, 0]
-        nce = nt_xent(z[p.pair_anchor], z[p.pair_positive], 0.1)
-        loss = out.loss + 0.1 * nce
+        nce, _ = nt_xent(z[p.pair_anchor], z[p.pair_positive], OBJECTIVE.temperature)
+        loss = OBJECTIVE.mlm_weight * out.loss + OBJECTIVE.nce_weight * nce
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -311,14 +287,13 @@ def _rss_kib() -> int:
 
 def _cpu_peak_child(which: str, size: str, dropout: float, attention, batch, threads: int, queue) -> None:
     torch.set_num_threads(threads)
-    nt_xent, _ = nt_xent_fn()
     base = _rss_kib()
     dev = torch.device("cpu")
-    model, opt = build_ours(size, dropout, dev, attention) if which == "ours" else build_hf(size, dropout, dev)
-    step = step_ours if which == "ours" else step_hf
-    from contextlib import nullcontext
-
-    step(model, opt, batch, nt_xent, nullcontext)  # the first step also allocates AdamW's state
+    # the first step also allocates AdamW's state
+    if which == "ours":
+        step_ours(*build_ours(size, dropout, dev, attention), batch, PretrainingLoss(OBJECTIVE), contextlib.nullcontext)
+    else:
+        step_hf(*build_hf(size, dropout, dev), batch, contextlib.nullcontext)
     queue.put((_hwm_kib() - base) * 1024)
 
 
@@ -340,7 +315,7 @@ def cpu_peak_bytes(which: str, size: str, dropout: float, attention: str | None,
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", help="shard folder (default: preprocess examples/midi once into runs/bench/shards)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -357,8 +332,133 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="print where the time of one step goes, for each model")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-model peak-memory measurement on CPU")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def make_inputs(shards: str | None, n_batches: int, max_tokens: int, row_len: int, seed: int) -> tuple[str, list[Batch], list[Padded], list[Padded]]:
+    """``(origin of the bars, packed batches, the same bars padded, the bars in random padded batches)``."""
+    shards, origin = find_or_make_shards(shards)
+    t = time.perf_counter()
+    packed = make_batches(shards, n_batches, max_tokens, row_len, seed)
+    same = [padded_same_steps(b) for b in packed]
+    user = padded_shuffled(packed, seed)
+    log(f"bars: {origin} ({shards}); {n_batches} distinct batches of room {max_tokens} "
+        f"({max_tokens // row_len} rows x {row_len}), made in {time.perf_counter() - t:.1f} s")
+    describe_batches(packed, same, user)
+    return origin, packed, same, user
+
+
+def describe_batches(packed: list[Batch], same: list[Padded], user: list[Padded]) -> None:
+    """Bars, tokens, masked positions and pairs per batch, and the share of real positions per layout."""
+    n = len(packed)
+    real = [b.n_real_tokens for b in packed]
+    lengths = [k for p in same for k in p.bar_lengths]
+    log(f"  per batch: {sum(len(p.bar_lengths) for p in same) / n:.1f} bars (mean {sum(lengths) / len(lengths):.0f} tokens, "
+        f"max {max(lengths)}), {sum(real) / n:.0f} real tokens, "
+        f"{sum(int(b.mlm_mask.sum()) for b in packed) / n:.0f} masked, {sum(len(b.pair_anchor) for b in packed) / n:.1f} pairs")
+    eff = lambda ps: 100 * sum(p.n_real_tokens for p in ps) / sum(p.input_ids.numel() for p in ps)
+    log(f"  share of computed positions that are real: ours (packed) {100 * sum(real) / sum(b.tokens.numel() for b in packed):.1f}%, "
+        f"HF same-step bars {eff(same):.1f}%, HF shuffled bars {eff(user):.1f}%")
+
+
+@dataclass
+class Timings:
+    """Seconds per timed step of each model, the best per distinct batch, peak GPU memory."""
+
+    times: dict[str, list[float]]
+    best: dict[str, dict[int, float]]
+    peak_memory: dict[str, int]
+
+
+def time_steps(runs: dict[str, Callable[[int], float]], steps: int, n_batches: int, warmup: int, cuda: bool) -> Timings:
+    """Warm-up, then ``steps`` timed steps per model, alternating models (A B C A B C ...: a
+    noisy machine slows all alike); a non-finite loss stops the bench."""
+    t = Timings({w: [] for w in runs}, {w: {} for w in runs}, {"ours": 0, "hf": 0})
+
+    def timed(which: str, i: int) -> float:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = runs[which](i)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{which}: non-finite loss {loss} at batch {i}")
+        if cuda:
+            key = "ours" if which == "ours" else "hf"
+            t.peak_memory[key] = max(t.peak_memory[key], torch.cuda.max_memory_allocated())
+        return dt
+
+    for w in range(warmup):
+        for which in runs:
+            timed(which, w % n_batches)
+    t_start = time.perf_counter()
+    for k in range(steps):
+        i = k % n_batches
+        for which in runs:
+            dt = timed(which, i)
+            t.times[which].append(dt)
+            t.best[which][i] = min(t.best[which].get(i, math.inf), dt)
+    log(f"timed {steps} steps per model, alternating {' / '.join(runs)}, in {time.perf_counter() - t_start:.1f} s")
+    return t
+
+
+def report_throughput(t: Timings, tokens_of: dict, flops_of: dict, steps: int, n_batches: int) -> tuple[dict, dict]:
+    """Log real tokens/s per model and the ratios; returns (tokens/s, useful FLOP/s) per model.
+
+    Headline: per batch, the best of its repeats (what the machine does when nothing else
+    interferes; on a shared machine, bursts of other work slow single steps up to ~10x because
+    the OpenMP threads wait for a descheduled one). The summed-time figure is printed too."""
+    tps, tps_sum, fps = {}, {}, {}
+    for which, times in t.times.items():
+        best = t.best[which]
+        tps_sum[which] = sum(tokens_of[which][k % n_batches] for k in range(steps)) / sum(times)
+        best_time = sum(best.values())
+        tps[which] = sum(tokens_of[which][i] for i in best) / best_time
+        fps[which] = sum(flops_of[which][i] for i in best) / best_time
+        ts = sorted(times)
+        log(f"{which:>11}: {tps[which]:>9,.0f} real tokens/s (best of {steps // n_batches} per batch; all steps summed "
+            f"{tps_sum[which]:,.0f}); step median {1000 * ts[len(ts) // 2]:.0f} ms, min {1000 * ts[0]:.0f}, max {1000 * ts[-1]:.0f}")
+    pairwise = sorted(h / o for o, h in zip(t.times["ours"], t.times["hf"]))
+    log(f"ratio ours / HF (same bars per step): {tps['ours'] / tps['hf']:.2f} (best of per batch); "
+        f"{tps_sum['ours'] / tps_sum['hf']:.2f} from all steps summed; per step pair median {pairwise[len(pairwise) // 2]:.2f} "
+        f"(range {pairwise[0]:.2f}..{pairwise[-1]:.2f})")
+    if "hf_shuffled" in tps:
+        log(f"ratio ours / HF (the same bars in random batches, as a user's loader would deal them): "
+            f"{tps['ours'] / tps['hf_shuffled']:.2f} (summed: {tps_sum['ours'] / tps_sum['hf_shuffled']:.2f})")
+    return tps, fps
+
+
+def profile_steps(runs: dict[str, Callable[[int], float]], cuda: bool) -> None:
+    """Where the time of one step goes, for each model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    for which in ("ours", "hf"):
+        with profile(activities=acts, record_shapes=True) as prof:
+            runs[which](0)
+            if cuda:
+                torch.cuda.synchronize()
+        log(f"\nprofile of one {which} step (top 20 by self time):")
+        log(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))
+
+
+def log_cpu_memory(packed: list[Batch], same: list[Padded], size: str, dropout: float, attention: str | None) -> None:
+    """Peak memory of one training step of each model on the largest batch, each in a fresh process."""
+    real = [b.n_real_tokens for b in packed]
+    big = max(range(len(packed)), key=lambda i: real[i])
+    for which, batch in (("ours", packed[big]), ("hf", same[big])):
+        b = cpu_peak_bytes(which, size, dropout, attention, batch)
+        if b is not None:
+            log(f"peak memory of one training step, {which}: {b / 2**20:.0f} MiB "
+                f"(RSS growth of a fresh process: model, AdamW state, activations; {real[big]} real tokens)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
     size = args.size or ("base" if cuda else "small")
@@ -384,127 +484,49 @@ def main(argv: list[str] | None = None) -> int:
     log(f"size {size}: dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, ff {s['ff_dim']}; dropout {args.dropout}; "
         f"{'bf16 autocast' if cuda else 'fp32'}")
 
-    shards, origin = find_or_make_shards(args.shards)
     n_batches = min(steps, args.distinct)
-    t = time.perf_counter()
-    packed = make_batches(shards, n_batches, max_tokens, args.row_len, args.seed)
-    same = [padded_same_steps(b) for b in packed]
-    user = padded_shuffled(packed, args.seed)
-    log(f"bars: {origin} ({shards}); {n_batches} distinct batches of room {max_tokens} "
-        f"({max_tokens // args.row_len} rows x {args.row_len}), made in {time.perf_counter() - t:.1f} s")
-    real = [b.n_real_tokens for b in packed]
-    lengths = [n for p in same for n in p.bar_lengths]
-    log(f"  per batch: {sum(len(p.bar_lengths) for p in same) / n_batches:.1f} bars (mean {sum(lengths) / len(lengths):.0f} tokens, "
-        f"max {max(lengths)}), {sum(real) / n_batches:.0f} real tokens, "
-        f"{sum(int(b.mlm_mask.sum()) for b in packed) / n_batches:.0f} masked, {sum(len(b.pair_anchor) for b in packed) / n_batches:.1f} pairs")
-    eff = lambda ps: 100 * sum(p.n_real_tokens for p in ps) / sum(p.input_ids.numel() for p in ps)
-    log(f"  share of computed positions that are real: ours (packed) {100 * sum(real) / sum(b.tokens.numel() for b in packed):.1f}%, "
-        f"HF same-step bars {eff(same):.1f}%, HF shuffled bars {eff(user):.1f}%")
+    origin, packed, same, user = make_inputs(args.shards, n_batches, max_tokens, args.row_len, args.seed)
 
     packed_dev = [b.to(device) for b in packed]
     same_dev = [p.to(device) for p in same]
     user_dev = [p.to(device) for p in user]
-    nt_xent, nt_name = nt_xent_fn()
+    loss_fn = PretrainingLoss(OBJECTIVE)
     ours, opt_ours = build_ours(size, args.dropout, device, args.attention)
     hf, opt_hf = build_hf(size, args.dropout, device)
     log(f"parameters: ours {sum(p.numel() for p in ours.parameters()) / 1e6:.2f} M "
         f"(attention layout {getattr(ours, 'attention', 'n/a')!r}), "
-        f"HF {sum(p.numel() for p in hf.parameters()) / 1e6:.2f} M; contrastive: {nt_name}")
+        f"HF {sum(p.numel() for p in hf.parameters()) / 1e6:.2f} M; loss: musicbert.objectives.PretrainingLoss")
     ours.train()
     hf.train()
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    peak = {"ours": 0, "hf": 0}
     runs = {
-        "ours": lambda i: step_ours(ours, opt_ours, packed_dev[i], nt_xent, autocast),
-        "hf": lambda i: step_hf(hf, opt_hf, same_dev[i], nt_xent, autocast),
-        "hf_shuffled": lambda i: step_hf(hf, opt_hf, user_dev[i], nt_xent, autocast),
+        "ours": lambda i: step_ours(ours, opt_ours, packed_dev[i], loss_fn, autocast),
+        "hf": lambda i: step_hf(hf, opt_hf, same_dev[i], autocast),
+        "hf_shuffled": lambda i: step_hf(hf, opt_hf, user_dev[i], autocast),
     }
+    if args.no_shuffled:
+        del runs["hf_shuffled"]
+    real = [b.n_real_tokens for b in packed]
     tokens_of = {"ours": real, "hf": real, "hf_shuffled": [p.n_real_tokens for p in user]}
     flops_of = {"ours": [useful_flops(size, p) for p in same], "hf": [useful_flops(size, p) for p in same],
                 "hf_shuffled": [useful_flops(size, p) for p in user]}  # fmt: skip
-    which_all = ("ours", "hf") if args.no_shuffled else ("ours", "hf", "hf_shuffled")
-
-    def timed(which: str, i: int) -> float:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        sync()
-        t0 = time.perf_counter()
-        loss = runs[which](i)
-        sync()
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss):
-            raise RuntimeError(f"{which}: non-finite loss {loss} at batch {i}")
-        if cuda:
-            key = "ours" if which == "ours" else "hf"
-            peak[key] = max(peak[key], torch.cuda.max_memory_allocated())
-        return dt
-
-    for w in range(args.warmup):
-        for which in which_all:
-            timed(which, w % n_batches)
-    times: dict[str, list[float]] = {w: [] for w in which_all}
-    best: dict[str, dict[int, float]] = {w: {} for w in which_all}
-    t_start = time.perf_counter()
-    for k in range(steps):
-        i = k % n_batches
-        for which in which_all:  # A B C A B C ...: a noisy machine slows all alike
-            dt = timed(which, i)
-            times[which].append(dt)
-            best[which][i] = min(best[which].get(i, math.inf), dt)
-    log(f"timed {steps} steps per model, alternating {' / '.join(which_all)}, in {time.perf_counter() - t_start:.1f} s")
-
-    # Headline: per batch, the best of its repeats (what the machine does when nothing else
-    # interferes; on a shared machine, bursts of other work slow single steps up to ~10x because
-    # the OpenMP threads wait for a descheduled one). The summed-time figure is printed too.
-    tps, tps_sum, fps = {}, {}, {}
-    for which in which_all:
-        n_tok = sum(tokens_of[which][k % n_batches] for k in range(steps))
-        tps_sum[which] = n_tok / sum(times[which])
-        best_time = sum(best[which].values())
-        tps[which] = sum(tokens_of[which][i] for i in best[which]) / best_time
-        fps[which] = sum(flops_of[which][i] for i in best[which]) / best_time
-        ts = sorted(times[which])
-        log(f"{which:>11}: {tps[which]:>9,.0f} real tokens/s (best of {steps // n_batches} per batch; all steps summed "
-            f"{tps_sum[which]:,.0f}); step median {1000 * ts[len(ts) // 2]:.0f} ms, min {1000 * ts[0]:.0f}, max {1000 * ts[-1]:.0f}")
-    pairwise = sorted(h / o for o, h in zip(times["ours"], times["hf"]))
-    log(f"ratio ours / HF (same bars per step): {tps['ours'] / tps['hf']:.2f} (best of per batch); "
-        f"{tps_sum['ours'] / tps_sum['hf']:.2f} from all steps summed; per step pair median {pairwise[len(pairwise) // 2]:.2f} "
-        f"(range {pairwise[0]:.2f}..{pairwise[-1]:.2f})")
-    if "hf_shuffled" in tps:
-        log(f"ratio ours / HF (the same bars in random batches, as a user's loader would deal them): "
-            f"{tps['ours'] / tps['hf_shuffled']:.2f} (summed: {tps_sum['ours'] / tps_sum['hf_shuffled']:.2f})")
+    timings = time_steps(runs, steps, n_batches, args.warmup, cuda)
+    tps, fps = report_throughput(timings, tokens_of, flops_of, steps, n_batches)
     if cuda:
         peak_flops = args.peak_flops or device_peak_flops(device) or 989e12
         log(f"MFU (useful FLOPs: real tokens, attention inside bars / {peak_flops / 1e12:.0f} TFLOP/s bf16 dense peak): "
-            + ", ".join(f"{w} {100 * fps[w] / peak_flops:.1f}% ({fps[w] / 1e12:.1f} TFLOP/s)" for w in which_all))
-        log(f"peak GPU memory allocated in a step: ours {peak['ours'] / 2**30:.2f} GiB, HF {peak['hf'] / 2**30:.2f} GiB")
+            + ", ".join(f"{w} {100 * fps[w] / peak_flops:.1f}% ({fps[w] / 1e12:.1f} TFLOP/s)" for w in runs))
+        log(f"peak GPU memory allocated in a step: ours {timings.peak_memory['ours'] / 2**30:.2f} GiB, "
+            f"HF {timings.peak_memory['hf'] / 2**30:.2f} GiB")
     else:
-        log("useful FLOP/s (real tokens, attention inside bars): " + ", ".join(f"{w} {fps[w] / 1e9:.1f} GFLOP/s" for w in which_all))
+        log("useful FLOP/s (real tokens, attention inside bars): " + ", ".join(f"{w} {fps[w] / 1e9:.1f} GFLOP/s" for w in runs))
         log(f"peak RSS of this process (both models resident): {_hwm_kib() / 2**20:.2f} GiB")
-
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        for which in ("ours", "hf"):
-            with profile(activities=acts, record_shapes=True) as prof:
-                timed(which, 0)
-            log(f"\nprofile of one {which} step (top 20 by self time):")
-            log(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))
+        profile_steps(runs, cuda)
 
     if not cuda and not args.no_memory:
-        big = max(range(n_batches), key=lambda i: real[i])
-        del ours, hf, opt_ours, opt_hf
-        for which, batch in (("ours", packed[big]), ("hf", same[big])):
-            b = cpu_peak_bytes(which, size, args.dropout, args.attention, batch)
-            if b is not None:
-                log(f"peak memory of one training step, {which}: {b / 2**20:.0f} MiB "
-                    f"(RSS growth of a fresh process: model, AdamW state, activations; {real[big]} real tokens)")
+        del ours, hf, opt_ours, opt_hf, runs
+        log_cpu_memory(packed, same, size, args.dropout, args.attention)
 
     if origin != "real":
         log("WARNING: bars were SYNTHETIC (the preprocessor could not be run); figures are indicative only")

@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musicbert.checkpoint import CheckpointError, resolve
+from musicbert.checkpoint import CheckpointError, check_vocabulary, resolve
 from musicbert.config import config_from_dict
 from musicbert.inference import encode_bars, parse_layers, resolve_device
 from musicbert.model import MusicBERT
 from musicbert.tokenizer.encode import song_from_midi
 from musicbert.tokenizer.errors import MidiRejected
-from musicbert.vocab import VOCAB
 
 
 class ModelLoadError(RuntimeError):
@@ -71,11 +70,9 @@ def load_model(checkpoint: str | Path, random_init: bool = False, seed: int = 0)
     """
     try:
         path, state = resolve(checkpoint, map_location="cpu")
+        check_vocabulary(state, path)
     except CheckpointError as exc:
         raise ModelLoadError(str(exc)) from exc
-    sha = state.get("vocab_sha256")
-    if sha is not None and sha != VOCAB.sha256:
-        raise ModelLoadError(f"{path}: trained with another vocabulary (hash differs from this code's)")
     try:
         cfg = config_from_dict(state["config"])
     except Exception as exc:  # noqa: BLE001 - ConfigError or a malformed dict

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -46,6 +48,60 @@ class Batch:
 
     def bar_starts(self) -> torch.Tensor:
         """``[n_bars, 2]`` (row, column) of each bar's first token, in bar order."""
-        seg = self.segments
-        prev = torch.nn.functional.pad(seg[:, :-1], (1, 0), value=0)
-        return torch.nonzero((seg > 0) & (seg != prev))
+        return torch.nonzero(bar_start_mask(self.segments))
+
+
+def bar_start_mask(segments: torch.Tensor) -> torch.Tensor:
+    """bool ``[R, L]``: True at the first token of every bar of a packed ``segments`` ``[R, L]``.
+
+    The one place that finds bar starts: bar order (:meth:`Batch.bar_starts`), the model's
+    positions and bar states, and the attention work of a batch all derive from it.
+    """
+    prev = F.pad(segments[:, :-1], (1, 0), value=0)
+    return (segments > 0) & (segments != prev)
+
+
+def bar_lengths(segments: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n_bars]``: the number of tokens of each bar, in bar order."""
+    starts = torch.nonzero(bar_start_mask(segments).reshape(-1)).squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([segments.numel()])])
+    real_before = F.pad(torch.cumsum((segments.reshape(-1) > 0).long(), 0), (1, 0))
+    return real_before[ends] - real_before[starts]
+
+
+# One tensor per batch between processes: DataLoader shares every tensor through its own
+# shared-memory segment and socket message, which costs more than making the batch.
+_HEADER = 4  # int64 words: R, L, M, P
+
+
+def batch_to_buffer(batch: Batch) -> torch.Tensor:
+    """All of ``batch`` in one uint8 tensor (see :func:`batch_from_buffer`)."""
+    R, L = batch.tokens.shape
+    M, P = batch.mlm_targets.shape[0], batch.pair_anchor.shape[0]
+    words = np.concatenate(  # NumPy: torch.cat is ~100x slower on these small mixed views
+        [
+            np.array([R, L, M, P], dtype=np.int64),
+            batch.tokens.numpy().reshape(-1),
+            batch.segments.numpy().reshape(-1),
+            batch.mlm_targets.numpy(),
+            batch.pair_anchor.numpy(),
+            batch.pair_positive.numpy(),
+        ]
+    )
+    return torch.from_numpy(np.concatenate([words.view(np.uint8), batch.mlm_mask.numpy().reshape(-1).view(np.uint8)]))
+
+
+def batch_from_buffer(buf: torch.Tensor) -> Batch:
+    """The batch packed by :func:`batch_to_buffer`; its fields are views of ``buf`` (pinned if it is)."""
+    R, L, M, P = (int(x) for x in buf[: 8 * _HEADER].view(torch.int64))
+    n_words = _HEADER + 2 * R * L + M + 2 * P
+    words = buf[: 8 * n_words].view(torch.int64)
+    cuts = np.cumsum([_HEADER, R * L, R * L, M, P, P]).tolist()
+    return Batch(
+        tokens=words[cuts[0] : cuts[1]].view(R, L),
+        segments=words[cuts[1] : cuts[2]].view(R, L),
+        mlm_mask=buf[8 * n_words : 8 * n_words + R * L].view(torch.bool).view(R, L),
+        mlm_targets=words[cuts[2] : cuts[3]],
+        pair_anchor=words[cuts[3] : cuts[4]],
+        pair_positive=words[cuts[4] : cuts[5]],
+    )

@@ -24,25 +24,32 @@ and has the expected keys. When checkpoints exist but none can be read,
 :class:`UnreadableCheckpoints` lists them all (and nothing is moved aside): that is a damaged
 run, not a new one.
 
-Checkpoint dict (``FORMAT_VERSION`` 1); only tensors, numbers, strings, None and
+Saving and restoring a run (:class:`Checkpointer`): the trainer names its stateful objects
+(anything with ``state_dict()`` / ``load_state_dict()``) once, and the checkpointer writes
+each one's state under its name and hands it back on resume, as torchtitan's checkpointer
+does. Objects shared by all ranks (model, optimiser, schedule, scaler, counters) are saved
+from rank 0; per-rank objects (the data stream's position, the RNG states: :class:`RNGState`)
+are gathered from every rank and saved as a list in rank order.
+
+Checkpoint dict (``FORMAT_VERSION`` 2); only tensors, numbers, strings, None and
 lists/tuples/dicts of those, so ``torch.load(weights_only=True)`` reads it:
 
 ============== ==================================================================
 key            value
 ============== ==================================================================
 format         ``"musicbert-checkpoint"``
-format_version 1
+format_version 2 (version 1, before the checkpointer, kept the schedule as the update count
+               of a hand-written class and the counters under ``extra``; it is not read)
 step           optimizer steps taken (training resumes at step + 1)
-model          state_dict of the unwrapped model (no ``module.`` prefix)
-optimizer      AdamW state_dict
-schedule       :class:`musicbert.schedule.NoamSchedule` state_dict
-scaler         GradScaler state_dict (``{}`` when no scaler is used)
-world_size     number of ranks that wrote it
-rng            list, one per rank: see :func:`rng_state`
-data           list, one per rank: the rank's ``TrainStream.state_dict()``
 config         ``Config.to_dict()`` of the run
 vocab_sha256   hash of the vocabulary the model was trained with
-extra          dict: counters of the loop (skipped steps, tokens seen, wall time)
+world_size     number of ranks that wrote it
+*name*         ``state_dict()`` of each shared object the trainer named: ``model`` (the
+               unwrapped model, no ``module.`` prefix), ``optimizer`` (AdamW), ``schedule``
+               (``LambdaLR``), ``scaler`` (GradScaler; ``{}`` when disabled), ``meter``
+               (skipped steps, tokens seen, wall time)
+*name*         list, one per rank, for each per-rank object: ``data`` (the rank's
+               ``TrainStream.state_dict()``), ``rng`` (see :func:`rng_state`)
 ============== ==================================================================
 """
 
@@ -56,15 +63,17 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from musicbert.vocab import VOCAB
+
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "musicbert-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format", "format_version", "step", "model", "config", "vocab_sha256")
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -278,6 +287,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def check_vocabulary(state: dict, path: str | Path) -> None:
+    """Refuse a checkpoint written with another vocabulary: its token ids mean other tokens."""
+    sha = state.get("vocab_sha256")
+    if sha is not None and sha != VOCAB.sha256:
+        raise CheckpointError(f"{path}: trained with another vocabulary (hash differs from this code's)")
+
+
 def find_latest(
     run_dir: str | Path, map_location: str | torch.device = "cpu", quarantine_bad: bool = False
 ) -> tuple[Path, dict] | None:
@@ -373,3 +389,62 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class RNGState:
+    """This process's RNG states as a stateful object (see :func:`rng_state`)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
+# ----------------------------------------------------------------------------- named stateful objects
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Checkpointer:
+    """Saves and restores a run's named stateful objects (see the module docstring).
+
+    ``shared`` objects are the same on every rank and saved once; ``per_rank`` objects are
+    gathered from every rank. On restore, objects are loaded in the order given, shared ones
+    first: put the RNG last, after everything that draws random numbers when it is set up.
+    ``meta`` (e.g. the config) is saved as it is.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int, shared: dict[str, Stateful], per_rank: dict[str, Stateful], meta: dict):
+        clash = set(shared) & set(per_rank) | (set(shared) | set(per_rank)) & (set(meta) | {"step", "world_size", "format", "format_version"})
+        if clash:
+            raise ValueError(f"checkpoint names used twice: {sorted(clash)}")
+        self.run_dir, self.keep = Path(run_dir), keep
+        self.shared, self.per_rank, self.meta = shared, per_rank, meta
+
+    def rank_state(self) -> dict:
+        """This rank's share (every rank; gather them to the writer)."""
+        return {name: obj.state_dict() for name, obj in self.per_rank.items()}
+
+    def save(self, step: int, rank_states: list[dict]) -> Path:
+        """Write the checkpoint of ``step`` (one rank), given every rank's :meth:`rank_state` in rank order."""
+        state = {**self.meta, "world_size": len(rank_states)}
+        state |= {name: obj.state_dict() for name, obj in self.shared.items()}
+        state |= {name: [r[name] for r in rank_states] for name in self.per_rank}
+        return save_checkpoint(self.run_dir, step, state, keep=self.keep)
+
+    def load(self, state: dict, rank: int) -> None:
+        """Restore every named object from a checkpoint dict (this rank's share of the per-rank ones).
+
+        An empty saved state is not loaded: a disabled GradScaler saves ``{}``, and an
+        enabled one cannot load that (a run resumed with another precision starts its scale afresh).
+        """
+        for name, obj in self.shared.items():
+            if state[name]:
+                obj.load_state_dict(state[name])
+        for name, obj in self.per_rank.items():
+            obj.load_state_dict(state[name][rank])

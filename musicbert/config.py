@@ -22,7 +22,7 @@ import yaml
 
 MODES = ("BERT", "BERT-aug", "BERT-neighbor", "BERT-dropout")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ATTENTION_LAYOUTS = ("auto", "varlen", "bars", "rows")  # musicbert.model.MusicBERT(attention=...)
+ATTENTION_LAYOUTS = ("auto", "varlen", "bars", "rows")  # MusicBERT(attention=...), musicbert/attention.py
 
 
 class ConfigError(ValueError):
@@ -135,7 +135,7 @@ class TrainConfig:
     grad_clip: float = in_range(1.0, POSITIVE)
     accum_steps: int = in_range(1, AT_LEAST_1)
     precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 with GradScaler on GPU, fp32 on CPU
-    # How attention is computed (same numbers to rounding; see musicbert/model.py): auto = varlen
+    # How attention is computed (same numbers to rounding; see musicbert/attention.py): auto = varlen
     # (flash attention over the packed bars) on GPUs that run it in bf16/fp16, else bars.
     attention: str = "auto"
     log_every: int = in_range(50, AT_LEAST_1)

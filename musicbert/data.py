@@ -21,12 +21,7 @@ Training (:class:`TrainStream`)
     that continues DataLoader's round-robin order (batch ``n`` comes from worker ``n % W``).
     So the batches after a resume are exactly those an uninterrupted run would have seen.
 
-Pair views (``cfg.objective.mode``)
-    ``BERT``: none. ``BERT-aug``: :func:`~musicbert.masking.augment_bar` of the unmasked bar.
-    ``BERT-neighbor``: another bar of the same song, drawn uniformly, unmasked; a song with a
-    single bar has no neighbour, so that bar is an MLM anchor without a pair (it is not paired
-    with itself, which would be a trivially easy positive). ``BERT-dropout``: the same masked
-    tokens again; only dropout makes the two views differ. Positive views carry no MLM targets.
+Pair views (``cfg.objective.mode``): :func:`musicbert.objectives.pair_view`.
 
 Validation (:func:`val_batches`)
     One fixed pass over the val split. Shards are dealt to the ``world_size x workers`` readers
@@ -36,7 +31,8 @@ Validation (:func:`val_batches`)
 
 Shard problems: a shard that cannot be opened or read is skipped with a :class:`DataWarning`
 naming it (songs read before a read error are kept); a sample that does not decode is
-skipped with a warning naming shard and sample.
+skipped with a warning naming shard and sample (:mod:`musicbert.shard_reader`). DataLoader
+workers are set up by :func:`musicbert.loader_workers.worker_init`.
 """
 
 from __future__ import annotations
@@ -45,25 +41,24 @@ import functools
 import json
 import math
 import os
-import signal
-import threading
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from musicbert.batch import Batch
+from musicbert.batch import Batch, batch_from_buffer, batch_to_buffer
 from musicbert.config import Config
-from musicbert.masking import augment_bar, mask_bar
-from musicbert.packing import Packer, Piece, Unit, batch_from_buffer, batch_to_buffer, empty_batch
-from musicbert.shards import Song, read_manifest
+from musicbert.distributed import all_reduce_max
+from musicbert.loader_workers import worker_init
+from musicbert.masking import mask_bar
+from musicbert.objectives import pair_view
+from musicbert.packing import Packer, Piece, Unit, empty_batch
+from musicbert.shard_reader import DataWarning, ShuffledShard, SongBars, read_songs
+from musicbert.shards import read_manifest
 
 STATE_FORMAT = "musicbert-train-stream"
 STATE_VERSION = 1
@@ -74,100 +69,19 @@ MIN_OPEN_SHARDS = 2
 _TAG_SHARDS, _TAG_ORDER, _TAG_BAR, _TAG_VAL = 1, 2, 3, 4
 
 
-class DataWarning(UserWarning):
-    """A shard or sample was skipped, or the data cannot be split as asked."""
-
-
 def _rng(*key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) % (1 << 63) for k in key])))
-
-
-# --------------------------------------------------------------------------- reading shards
-
-
-def read_songs(url: str) -> Iterator[Song]:
-    """Songs of one shard (local path or any URL WebDataset's ``gopen`` accepts), in file order.
-
-    Never raises for bad data: a shard that cannot be opened or read, and samples that do
-    not decode, are skipped with a :class:`DataWarning` naming them.
-    """
-    try:
-        stream = gopen(url, "rb")
-    except Exception as exc:  # noqa: BLE001 - any failure to open means: skip this shard
-        warnings.warn(f"skipping shard {url}: cannot open it: {exc}", DataWarning, stacklevel=2)
-        return
-    n = 0
-    try:
-        with stream:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            for sample in group_by_keys(files):
-                try:
-                    song = Song.from_sample(sample, source=url)
-                except Exception as exc:  # noqa: BLE001 - ShardFormatError or worse: skip the sample
-                    warnings.warn(f"skipping sample {sample.get('__key__')} of shard {url}: {exc}", DataWarning, stacklevel=2)
-                    continue
-                n += 1
-                yield song
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt tar
-        warnings.warn(f"skipping the rest of shard {url} after {n} songs: cannot read it: {exc}", DataWarning, stacklevel=2)
-
-
-@dataclass
-class _SongBars:
-    """What the pipeline keeps of a song: tokens and bar offsets."""
-
-    id: str
-    tokens: np.ndarray
-    offsets: np.ndarray
-
-    @property
-    def n_bars(self) -> int:
-        return len(self.offsets) - 1
-
-    def bar(self, b: int) -> np.ndarray:
-        return self.tokens[self.offsets[b] : self.offsets[b + 1]]
-
-
-class _Shard:
-    """A shard's songs in memory, with its bars in a shuffled order."""
-
-    def __init__(self, url: str, order_rng: np.random.Generator | None):
-        self.url = url
-        self.songs = [_SongBars(s.id, s.tokens, s.offsets) for s in read_songs(url)]
-        counts = np.array([s.n_bars for s in self.songs], dtype=np.int64)
-        self.song_of = np.repeat(np.arange(len(self.songs)), counts)
-        self.bar_of = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        if order_rng is not None and len(self.song_of):
-            perm = order_rng.permutation(len(self.song_of))
-            self.song_of, self.bar_of = self.song_of[perm], self.bar_of[perm]
-
-    @property
-    def n_bars(self) -> int:
-        return len(self.song_of)
-
-    def at(self, pos: int) -> tuple[_SongBars, int]:
-        return self.songs[self.song_of[pos]], int(self.bar_of[pos])
 
 
 # --------------------------------------------------------------------------- bars -> units
 
 
-def make_unit(song: _SongBars, b: int, rng: np.random.Generator, cfg: Config, key: tuple[int, ...] = ()) -> Unit:
+def make_unit(song: SongBars, b: int, rng: np.random.Generator, cfg: Config, key: tuple[int, ...] = ()) -> Unit:
     """Bar ``b`` of ``song``: its masked anchor and the pair view of ``cfg.objective.mode``."""
-    obj = cfg.objective
     bar = song.bar(b).astype(np.int64)
-    masked, chosen = mask_bar(bar, rng, obj.mask_ratio)
-    anchor = Piece(masked, chosen, bar)
-    positive = None
-    if obj.mode == "BERT-aug":
-        positive = Piece(augment_bar(bar, rng, obj.aug_pitch_shift, obj.aug_velocity_shift))
-    elif obj.mode == "BERT-neighbor":
-        if song.n_bars > 1:
-            c = int(rng.integers(song.n_bars - 1))
-            positive = Piece(song.bar(c + (c >= b)).astype(np.int64))
-    elif obj.mode == "BERT-dropout":
-        positive = Piece(masked)
-    return Unit(anchor, positive, key)
+    masked, chosen = mask_bar(bar, rng, cfg.objective.mask_ratio)
+    positive = pair_view(cfg.objective, bar, masked, song.n_bars, b, song.bar, rng)
+    return Unit(Piece(masked, chosen, bar), None if positive is None else Piece(positive), key)
 
 
 def _n_rows(cfg: Config) -> int:
@@ -185,7 +99,7 @@ class _TrainSource:
         self.cfg = cfg
         self.key = (cfg.data.seed, gen, rank, role)
         self._perm: tuple[int, np.ndarray] | None = None
-        self._cache: dict[int, _Shard] = {}
+        self._cache: dict[int, ShuffledShard] = {}
         self._empty_run = 0
         if state:
             self.open = [list(map(int, s)) for s in state["open"]]
@@ -206,9 +120,9 @@ class _TrainSource:
             self._perm = (epoch, _rng(*self.key, _TAG_SHARDS, epoch).permutation(n))
         return self.urls[int(self._perm[1][j % n])]
 
-    def shard(self, j: int) -> _Shard:
+    def shard(self, j: int) -> ShuffledShard:
         if j not in self._cache:
-            self._cache[j] = _Shard(self.url(j), _rng(*self.key, _TAG_ORDER, j))
+            self._cache[j] = ShuffledShard(self.url(j), _rng(*self.key, _TAG_ORDER, j))
         return self._cache[j]
 
     def forget_closed(self) -> None:
@@ -270,32 +184,6 @@ class _TrainDataset(IterableDataset):
         role = (worker + self.offset) % self.n_roles
         for batch, state in _train_batches(self.urls, self.cfg, self.rank, role, self.gen, self.n_open, self.states[role] or None):
             yield batch_to_buffer(batch), role, state
-
-
-def _worker_init(trainer_pid: int, _: int) -> None:
-    """In each DataLoader worker: one thread, and SIGTERM/SIGINT only from the trainer.
-
-    Workers share the trainer's process group, so a SIGTERM that torchrun or SLURM sends to
-    the group (or to every process of the job) reaches them too; dying then would make the
-    trainer fail (DataLoader raises on a dead worker) while it saves its checkpoint. So a
-    worker ignores SIGINT, and SIGTERM unless the trainer itself sends it (DataLoader's and
-    multiprocessing's shutdown do). A worker also exits by itself when the trainer is gone.
-    """
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):
-        return
-    # SIGTERM is blocked in every thread of this process (threads started later inherit
-    # the mask) and taken by one thread that knows who sent it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-
-    def wait() -> None:
-        while True:
-            info = signal.sigwaitinfo({signal.SIGTERM})
-            if info.si_pid in (trainer_pid, os.getppid()):
-                os._exit(0)  # a clean exit: DataLoader reports a worker killed by a signal as an error
-
-    threading.Thread(target=wait, name="sigterm-from-trainer", daemon=True).start()
 
 
 def _n_open(cfg: Config, songs: int, shards: int) -> int:
@@ -394,7 +282,7 @@ class TrainStream:
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
+            worker_init_fn=functools.partial(worker_init, os.getpid()) if workers > 0 else None,
         )
         self._it = iter(self._loader)
 
@@ -443,7 +331,7 @@ def _val_units(urls: Sequence[str], part: int, n_parts: int, cfg: Config) -> Ite
             index += 1
             if deal and (index - 1) % n_parts != part:
                 continue
-            bars = _SongBars(song.id, song.tokens, song.offsets)
+            bars = SongBars(song.id, song.tokens, song.offsets)
             sid = _song_seed(song.id)
             for b in range(bars.n_bars):
                 yield make_unit(bars, b, _rng(cfg.data.seed, _TAG_VAL, sid, b), cfg)
@@ -475,9 +363,7 @@ def _all_ranks_any(flag: bool) -> bool:
     """True while any rank still has a batch (one tiny all_reduce)."""
     backend = str(dist.get_backend())
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend and "gloo" not in backend else torch.device("cpu")
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_reduce_max([float(flag)], device).item())
 
 
 def val_batches(
@@ -512,7 +398,7 @@ def val_batches(
         batch_size=None,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
+        worker_init_fn=functools.partial(worker_init, os.getpid()) if workers > 0 else None,
     )
     synced = world_size > 1 and dist.is_available() and dist.is_initialized()
     it = iter(loader)

@@ -67,6 +67,7 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
 
 
 def all_reduce_max(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Element-wise maximum of a small vector over all ranks (float64, one collective)."""
     t = torch.as_tensor(values, dtype=torch.float64, device=device).clone()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t

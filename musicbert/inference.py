@@ -20,21 +20,13 @@ import torch
 from tqdm import tqdm
 
 from musicbert.feature_store import FeatureStore
+from musicbert.model import unwrap
 from musicbert.packing import pack_bars
 from musicbert.vocab import VOCAB
 
 
 class InferenceError(ValueError):
     """The model cannot be run as asked (bad layer list, device or precision); the message says why."""
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def parse_layers(spec: str | int | Sequence[int] | None, n_layers: int) -> list[int]:

@@ -158,114 +158,17 @@ class Packer:
         2. A due piece that finds no room takes its unit out again; remaining gaps take any
            unit whose pieces fit into them (best fit, largest first).
         """
-        pool, L, R = self.pool, self.row_len, self.n_rows
-        free = np.full(R, L, dtype=np.int64)
-        row_of: dict[tuple[int, int], int] = {}  # (unit, 0 = anchor / 1 = positive) -> row
-
-        piece_sizes = [
-            (len(u.anchor),) if u.positive is None else (len(u.anchor), len(u.positive)) for u in pool
-        ]
-        sizes = piece_sizes.__getitem__
-
-        n_in = [0] * len(pool)  # pieces of each unit placed so far
-
-        def put(i: int, k: int, r: int) -> None:
-            row_of[(i, k)] = r
-            n_in[i] += 1
-            free[r] -= sizes(i)[k]
-
-        def fit_unit(i: int) -> bool:
-            rows = []
-            for k, n in enumerate(sizes(i)):
-                r = _best_fit(free, n)
-                if r < 0:
-                    for k2, r2 in enumerate(rows):
-                        free[r2] += sizes(i)[k2]
-                    return False
-                free[r] -= n
-                rows.append(r)
-            for k, r in enumerate(rows):
-                row_of[(i, k)] = r
-            n_in[i] = len(rows)
-            return True
-
-        def take_out(i: int, k: int) -> None:
-            free[row_of.pop((i, k))] += sizes(i)[k]
-            n_in[i] -= 1
-
-        by_size = sorted(range(len(pool)), key=lambda i: (-pool[i].size, i))
-        by_age = sorted(range(len(pool)), key=lambda i: (-pool[i].age, i))
-        # Pieces that must go in: those of old (oldest first) or oversized units, then partners of placed pieces.
-        is_due = [u.age >= self.max_age or u.size > L for u in pool]
-        due = [(i, k) for i in by_age if is_due[i] for k in range(len(sizes(i)))]
-        # The units a row's subset-sum may choose from, oldest first; placed ones are dropped as rows fill.
-        candidates = [i for i in by_age if not is_due[i]]
-        lookahead = LOOKAHEAD_ROWS * L
-
-        def offers(cap: int, last: bool, room_elsewhere: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
-            """``(position in candidates, size, pieces)`` of what may go into a row with ``cap`` free tokens."""
-            seen = 0
-            for pos, i in enumerate(candidates):
-                if seen >= lookahead:
-                    return
-                if n_in[i]:  # placed, or placed in part with its other piece due
-                    continue
-                seen += pool[i].size
-                n = piece_sizes[i]
-                if len(n) == 1:
-                    if n[0] <= cap:
-                        yield pos, n[0], [(i, 0)]
-                    continue
-                if last and n[0] + n[1] <= cap:
-                    yield pos, n[0] + n[1], [(i, 0), (i, 1)]
-                for k in (0, 1):
-                    if n[k] <= cap and (not last or n[1 - k] <= room_elsewhere):
-                        yield pos, n[k], [(i, k)]
-
-        for r in range(R):
-            later = []
-            for i, k in due:
-                if sizes(i)[k] <= free[r]:
-                    put(i, k, r)
-                else:
-                    later.append((i, k))
-            due = later
-            last = r == R - 1
-            # In the last row, a piece goes alone only if its partner fits into another row's gap.
-            room_elsewhere = int(np.delete(free, r).max()) if last and R > 1 else L
-            chosen = subset_sum(offers(int(free[r]), last, room_elsewhere), int(free[r]), size=itemgetter(1))
-            for _, _, pieces in chosen:
-                for i, k in pieces:
-                    put(i, k, r)
-            for _, _, pieces in chosen:
-                for i, k in pieces:
-                    if len(sizes(i)) == 2 and (i, 1 - k) not in row_of:
-                        due.append((i, 1 - k))
-            # Placed units leave the candidates (all of them lie before the last chosen one).
-            end = max((pos + 1 for pos, _, _ in chosen), default=0)
-            candidates[:end] = [i for i in candidates[:end] if not n_in[i]]
-        for i, k in due:
-            r = _best_fit(free, sizes(i)[k])
-            if r >= 0:
-                put(i, k, r)
-            elif (i, 1 - k) in row_of:  # take the unit out again
-                take_out(i, 1 - k)
-        # Units of which one piece found room and the other did not (both were due).
-        for i, k in [key for key in row_of if len(sizes(key[0])) == 2 and n_in[key[0]] == 1]:
-            take_out(i, k)
-        smallest = min((piece_sizes[i][0] for i in range(len(pool)) if not n_in[i]), default=L + 1)
-        gap = int(free.max())
-        for i in by_size:
-            if gap < smallest:
-                break
-            if not n_in[i] and max(sizes(i)) <= gap and fit_unit(i):  # a piece larger than every gap cannot fit
-                gap = int(free.max())
-        placed = [(i, r, row_of.get((i, 1))) for (i, k), r in row_of.items() if k == 0]
-        if not placed and pool:
+        plan = _Placement(self.pool, self.n_rows, self.row_len, self.max_age)
+        for r in range(self.n_rows):
+            plan.fill_row(r)
+        plan.place_leftover_due()
+        plan.fill_gaps()
+        placed = [(i, r, plan.row_of.get((i, 1))) for (i, k), r in plan.row_of.items() if k == 0]
+        if not placed and self.pool:
             # Only possible when one unit is larger than the whole batch (a single row shorter
             # than anchor + positive): send its anchor alone rather than stall.
-            pool[by_size[0]].positive = None
-            placed.append((by_size[0], 0, None))
+            self.pool[plan.by_size[0]].positive = None
+            placed.append((plan.by_size[0], 0, None))
         return placed
 
     def next_batch(self) -> Batch:
@@ -357,39 +260,115 @@ def empty_batch(n_rows: int, row_len: int, pad_id: int = VOCAB.pad_id) -> Batch:
     return Packer(n_rows, row_len, pad_id=pad_id)._build([[] for _ in range(n_rows)], 0)
 
 
-# One tensor per batch between processes: DataLoader shares every tensor through its own
-# shared-memory segment and socket message, which costs more than making the batch.
-_HEADER = 4  # int64 words: R, L, M, P
+class _Placement:
+    """The state of one :meth:`Packer._place`: rows' free room and where each piece went.
 
+    A piece is ``(unit index, k)`` with ``k`` 0 for the anchor and 1 for the positive.
+    """
 
-def batch_to_buffer(batch: Batch) -> torch.Tensor:
-    """All of ``batch`` in one uint8 tensor (see :func:`batch_from_buffer`)."""
-    R, L = batch.tokens.shape
-    M, P = batch.mlm_targets.shape[0], batch.pair_anchor.shape[0]
-    words = np.concatenate(  # NumPy: torch.cat is ~100x slower on these small mixed views
-        [
-            np.array([R, L, M, P], dtype=np.int64),
-            batch.tokens.numpy().reshape(-1),
-            batch.segments.numpy().reshape(-1),
-            batch.mlm_targets.numpy(),
-            batch.pair_anchor.numpy(),
-            batch.pair_positive.numpy(),
-        ]
-    )
-    return torch.from_numpy(np.concatenate([words.view(np.uint8), batch.mlm_mask.numpy().reshape(-1).view(np.uint8)]))
+    def __init__(self, pool: list[Unit], n_rows: int, row_len: int, max_age: int):
+        self.pool, self.L, self.R = pool, row_len, n_rows
+        self.free = np.full(n_rows, row_len, dtype=np.int64)
+        self.row_of: dict[tuple[int, int], int] = {}  # (unit, 0 = anchor / 1 = positive) -> row
+        self.sizes = [(len(u.anchor),) if u.positive is None else (len(u.anchor), len(u.positive)) for u in pool]
+        self.n_in = [0] * len(pool)  # pieces of each unit placed so far
+        self.by_size = sorted(range(len(pool)), key=lambda i: (-pool[i].size, i))
+        by_age = sorted(range(len(pool)), key=lambda i: (-pool[i].age, i))
+        # Pieces that must go in: those of old (oldest first) or oversized units, then partners of placed pieces.
+        is_due = [u.age >= max_age or u.size > row_len for u in pool]
+        self.due = [(i, k) for i in by_age if is_due[i] for k in range(len(self.sizes[i]))]
+        # The units a row's subset-sum may choose from, oldest first; placed ones are dropped as rows fill.
+        self.candidates = [i for i in by_age if not is_due[i]]
+        self.lookahead = LOOKAHEAD_ROWS * row_len
 
+    def put(self, i: int, k: int, r: int) -> None:
+        self.row_of[(i, k)] = r
+        self.n_in[i] += 1
+        self.free[r] -= self.sizes[i][k]
 
-def batch_from_buffer(buf: torch.Tensor) -> Batch:
-    """The batch packed by :func:`batch_to_buffer`; its fields are views of ``buf`` (pinned if it is)."""
-    R, L, M, P = (int(x) for x in buf[: 8 * _HEADER].view(torch.int64))
-    n_words = _HEADER + 2 * R * L + M + 2 * P
-    words = buf[: 8 * n_words].view(torch.int64)
-    cuts = np.cumsum([_HEADER, R * L, R * L, M, P, P]).tolist()
-    return Batch(
-        tokens=words[cuts[0] : cuts[1]].view(R, L),
-        segments=words[cuts[1] : cuts[2]].view(R, L),
-        mlm_mask=buf[8 * n_words : 8 * n_words + R * L].view(torch.bool).view(R, L),
-        mlm_targets=words[cuts[2] : cuts[3]],
-        pair_anchor=words[cuts[3] : cuts[4]],
-        pair_positive=words[cuts[4] : cuts[5]],
-    )
+    def take_out(self, i: int, k: int) -> None:
+        self.free[self.row_of.pop((i, k))] += self.sizes[i][k]
+        self.n_in[i] -= 1
+
+    def fit_unit(self, i: int) -> bool:
+        """Place every piece of unit ``i`` (best fit each), or none of them."""
+        rows = []
+        for k, n in enumerate(self.sizes[i]):
+            r = _best_fit(self.free, n)
+            if r < 0:
+                for k2, r2 in enumerate(rows):
+                    self.free[r2] += self.sizes[i][k2]
+                return False
+            self.free[r] -= n
+            rows.append(r)
+        for k, r in enumerate(rows):
+            self.row_of[(i, k)] = r
+        self.n_in[i] = len(rows)
+        return True
+
+    def offers(self, cap: int, last: bool, room_elsewhere: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+        """``(position in candidates, size, pieces)`` of what may go into a row with ``cap`` free tokens."""
+        seen = 0
+        for pos, i in enumerate(self.candidates):
+            if seen >= self.lookahead:
+                return
+            if self.n_in[i]:  # placed, or placed in part with its other piece due
+                continue
+            seen += self.pool[i].size
+            n = self.sizes[i]
+            if len(n) == 1:
+                if n[0] <= cap:
+                    yield pos, n[0], [(i, 0)]
+                continue
+            if last and n[0] + n[1] <= cap:
+                yield pos, n[0] + n[1], [(i, 0), (i, 1)]
+            for k in (0, 1):
+                if n[k] <= cap and (not last or n[1 - k] <= room_elsewhere):
+                    yield pos, n[k], [(i, k)]
+
+    def fill_row(self, r: int) -> None:
+        """Row ``r``: the due pieces that fit, then the best subset-sum of the candidates."""
+        later = []
+        for i, k in self.due:
+            if self.sizes[i][k] <= self.free[r]:
+                self.put(i, k, r)
+            else:
+                later.append((i, k))
+        self.due = later
+        last = r == self.R - 1
+        # In the last row, a piece goes alone only if its partner fits into another row's gap.
+        room_elsewhere = int(np.delete(self.free, r).max()) if last and self.R > 1 else self.L
+        cap = int(self.free[r])
+        chosen = subset_sum(self.offers(cap, last, room_elsewhere), cap, size=itemgetter(1))
+        for _, _, pieces in chosen:
+            for i, k in pieces:
+                self.put(i, k, r)
+        for _, _, pieces in chosen:
+            for i, k in pieces:
+                if len(self.sizes[i]) == 2 and (i, 1 - k) not in self.row_of:
+                    self.due.append((i, 1 - k))
+        # Placed units leave the candidates (all of them lie before the last chosen one).
+        end = max((pos + 1 for pos, _, _ in chosen), default=0)
+        self.candidates[:end] = [i for i in self.candidates[:end] if not self.n_in[i]]
+
+    def place_leftover_due(self) -> None:
+        """Due pieces still without a row go where they fit best, or take their unit out."""
+        for i, k in self.due:
+            r = _best_fit(self.free, self.sizes[i][k])
+            if r >= 0:
+                self.put(i, k, r)
+            elif (i, 1 - k) in self.row_of:  # take the unit out again
+                self.take_out(i, 1 - k)
+        # Units of which one piece found room and the other did not (both were due).
+        for i, k in [key for key in self.row_of if len(self.sizes[key[0]]) == 2 and self.n_in[key[0]] == 1]:
+            self.take_out(i, k)
+
+    def fill_gaps(self) -> None:
+        """Remaining gaps take any unit whose pieces fit (best fit, largest unit first)."""
+        smallest = min((self.sizes[i][0] for i in range(len(self.pool)) if not self.n_in[i]), default=self.L + 1)
+        gap = int(self.free.max())
+        for i in self.by_size:
+            if gap < smallest:
+                break
+            if not self.n_in[i] and max(self.sizes[i]) <= gap and self.fit_unit(i):  # a piece larger than every gap cannot fit
+                gap = int(self.free.max())

@@ -154,3 +154,62 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
     torch.rand(3)
     assert torch.equal(after, torch.rand(1))
+
+
+class _Counter:
+    """A stateful object of the kind the trainer names (a data position, say)."""
+
+    def __init__(self, n: int = 0):
+        self.n = n
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+
+
+def _named(n: int) -> tuple[dict, dict]:
+    torch.manual_seed(n)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return {"model": model, "optimizer": opt, "scaler": torch.amp.GradScaler("cpu", enabled=False)}, {"data": _Counter(n)}
+
+
+def test_checkpointer_saves_and_restores_named_objects(tmp_path):
+    shared, per_rank = _named(1)
+    saver = ckpt.Checkpointer(tmp_path, 2, shared, per_rank, meta={"config": {"a": 1}, "vocab_sha256": "v"})
+    rank_states = [saver.rank_state(), {"data": {"n": 7}}]  # rank 1's share, as gathered
+    path = saver.save(5, rank_states)
+    state = ckpt.load_checkpoint(path)  # weights_only=True
+    assert state["step"] == 5 and state["world_size"] == 2 and state["data"] == [{"n": 1}, {"n": 7}]
+
+    fresh_shared, fresh_rank = _named(2)
+    ckpt.Checkpointer(tmp_path, 2, fresh_shared, fresh_rank, meta={}).load(state, rank=1)
+    for a, b in zip(shared["model"].parameters(), fresh_shared["model"].parameters()):
+        assert torch.equal(a, b)
+    assert fresh_shared["optimizer"].state_dict()["state"][0]["exp_avg"].equal(shared["optimizer"].state_dict()["state"][0]["exp_avg"])
+    assert fresh_rank["data"].n == 7  # this rank's share
+
+
+def test_checkpointer_refuses_a_name_used_twice(tmp_path):
+    with pytest.raises(ValueError, match="data"):
+        ckpt.Checkpointer(tmp_path, 1, {"data": _Counter()}, {"data": _Counter()}, meta={})
+    with pytest.raises(ValueError, match="step"):
+        ckpt.Checkpointer(tmp_path, 1, {"step": _Counter()}, {}, meta={})
+
+
+def test_rng_state_object_round_trip():
+    saved = ckpt.RNGState().state_dict()
+    first = (torch.rand(3), np.random.rand(), random.random())
+    ckpt.RNGState().load_state_dict(saved)
+    again = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_vocabulary_check_names_the_file():
+    ckpt.check_vocabulary({"vocab_sha256": ckpt.VOCAB.sha256}, "a.pt")
+    with pytest.raises(ckpt.CheckpointError, match="a.pt: trained with another vocabulary"):
+        ckpt.check_vocabulary({"vocab_sha256": "0" * 64}, "a.pt")

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import collections
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from synthetic_shards import all_bars, make_shards
 
 from musicbert.batch import Batch
 from musicbert.config import load_config
-from musicbert.data import TrainStream, val_batches
+from musicbert.data import TrainStream, read_songs, val_batches
 from musicbert.masking import maskable_positions
 from musicbert.shards import read_manifest
 from musicbert.vocab import VOCAB
@@ -143,8 +146,6 @@ def test_mask_ratio(shards):
 def test_pair_views(synthetic):
     song_of = {}
     for url in read_manifest(synthetic).shard_paths("train"):
-        from musicbert.data import read_songs
-
         for song in read_songs(url):
             for b in range(song.n_bars):
                 song_of.setdefault(tuple(song.bar(b).tolist()), set()).add(song.id)
@@ -238,8 +239,6 @@ def test_val_with_workers_counts_each_sample_once(synthetic):
 
 
 def _val_rank(rank: int, world: int, root: str, port: int, out: str) -> None:
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = config(Path(root), "objective.mode=BERT")
     counts = []
@@ -253,10 +252,6 @@ def _val_rank(rank: int, world: int, root: str, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_val_no_hang_with_uneven_ranks(synthetic, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -8,7 +8,8 @@ from operator import itemgetter
 import numpy as np
 import torch
 
-from musicbert.packing import Packer, Piece, Unit, batch_from_buffer, batch_to_buffer, empty_batch, subset_sum
+from musicbert.batch import batch_from_buffer, batch_to_buffer
+from musicbert.packing import Packer, Piece, Unit, empty_batch, subset_sum
 from musicbert.vocab import VOCAB
 
 

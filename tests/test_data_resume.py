@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import shutil
+import subprocess
 import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -96,7 +100,6 @@ def test_foreign_state_starts_a_fresh_stream(synthetic):
 
 def corrupt_copy(src: Path, dst: Path) -> tuple[str, str]:
     """A copy of ``src`` whose manifest also lists a missing shard, a truncated one and one with a bad sample."""
-    import shutil
 
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
@@ -154,13 +157,11 @@ def test_fewer_shards_than_readers_warns(synthetic):
 @pytest.mark.slow
 def test_workers_survive_a_sigterm_meant_for_the_trainer(synthetic):
     """torchrun/SLURM send SIGTERM to the whole process group; the workers must outlive the checkpoint."""
-    import subprocess
-    import time
-
     cfg = config(synthetic, 2)
     stream = TrainStream(cfg)
     next(stream)
-    workers = [w for w in stream._it._workers]
+    workers = multiprocessing.active_children()  # the stream's DataLoader workers
+    assert len(workers) == 2
     subprocess.run(["kill", "-TERM", *[str(w.pid) for w in workers]], check=True)  # sent by another process
     time.sleep(0.5)
     assert all(w.is_alive() for w in workers)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+import musicbert.attention as attention_mod
+import musicbert.model as model_mod
+from musicbert.attention import PAD_RUN, apply_rotary, plan_varlen, rotary_cos_sin
 from musicbert.batch import Batch
 from musicbert.config import ConfigError, ModelConfig, config_from_dict
 from musicbert.contrastive import nt_xent
-from musicbert.model import MusicBERT, apply_rotary, rotary_cos_sin, segment_positions
+from musicbert.model import MusicBERT, segment_positions, training_flops
 from musicbert.vocab import VOCAB
 
 TINY = dict(vocab_size=len(VOCAB), dim=64, n_layers=2, n_heads=4, ff_dim=128, max_len=128, dropout=0.1, rotary_dims=8)
@@ -151,8 +156,6 @@ def math_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
 
 
 def test_varlen_plan_cuts_bars_and_padding_runs():
-    from musicbert.model import PAD_RUN, plan_varlen
-
     L = 2 * PAD_RUN + 40
     segments = torch.zeros(3, L, dtype=torch.long)
     segments[0, :10], segments[0, 10:25] = 1, 2  # then 2 * PAD_RUN + 15 padding tokens
@@ -169,9 +172,7 @@ def test_varlen_layout_wiring_matches_rows(monkeypatch):
     """The varlen layout's plumbing (q/k/v layout, rotary, cu_seqlens, output order) with the
     flash kernel replaced by its math definition, on CPU; the kernel itself is checked on a GPU
     by bench/gpu.py."""
-    import musicbert.model as model_mod
-
-    monkeypatch.setattr(model_mod, "varlen_attn", math_varlen_attn)
+    monkeypatch.setattr(attention_mod, "varlen_attn", math_varlen_attn)
     monkeypatch.setattr(model_mod, "varlen_usable", lambda device, dtype: True)
     bars = random_bars(7, seed=5, lo=3, hi=70)
     tokens, segments = packed([bars[0:3], bars[3:5], bars[5:7]], length=200)
@@ -393,11 +394,6 @@ def test_no_nan_with_all_padding_rows_and_empty_mask(attention):
 def test_training_flops_counts_every_matmul_of_a_step():
     """The MFU numerator equals PyTorch's FLOP count of one forward + backward (math attention,
     one full bar per row, so no padding and no grouping: every counted FLOP is useful)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from musicbert.model import training_flops
-
     model = tiny_model(dropout=0.0, attention="rows")
     R, L = 3, 100
     tokens = torch.randint(5, len(VOCAB), (R, L), generator=torch.Generator().manual_seed(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -29,11 +30,23 @@ def test_schedule_sets_optimizer_lr_and_resumes():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=123.0)
     sched = NoamSchedule(opt, 1e-3, 4)
-    used = [sched.step() for _ in range(8)]
-    assert used == pytest.approx([noam_lr(s, 1e-3, 4) for s in range(1, 9)])
-    assert opt.param_groups[0]["lr"] == used[-1]
-    # a fresh schedule restored from the state continues where the first one is
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+    used = []
+    for _ in range(8):
+        used.append(sched.lr)
+        assert opt.param_groups[0]["lr"] == used[-1]  # the rate the coming update uses
+        opt.step()
+        sched.step()
+    assert used == [noam_lr(s, 1e-3, 4) for s in range(1, 9)]
+    # a fresh schedule restored from the state (after a weights_only round trip) continues where the first one is
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
     opt2 = torch.optim.AdamW([p], lr=123.0)
     sched2 = NoamSchedule(opt2, 1e-3, 4)
-    sched2.load_state_dict(sched.state_dict())
-    assert sched2.step() == sched.step() == pytest.approx(1e-3 * math.sqrt(4 / 9))
+    sched2.load_state_dict(torch.load(buf, weights_only=True))
+    assert sched2.lr == sched.lr == opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * math.sqrt(4 / 9))
+    # the base rate is the config's, not the checkpoint's: only the position is restored
+    sched3 = NoamSchedule(torch.optim.AdamW([p], lr=1.0), 2e-3, 4)
+    sched3.load_state_dict(sched.state_dict())
+    assert sched3.lr == pytest.approx(2e-3 * math.sqrt(4 / 9))

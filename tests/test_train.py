@@ -323,15 +323,15 @@ def test_stop_signals_only_set_a_flag(monkeypatch):
 
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        train_ddp.install_signal_handlers()
+        train_ddp.stop_signals.install()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
-            train_ddp._stop_signal = None
+            train_ddp.stop_signals.received = None
             os.kill(os.getpid(), sig)
-            assert train_ddp._stop_signal == sig
+            assert train_ddp.stop_signals.received == sig
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        train_ddp._stop_signal = None
+        train_ddp.stop_signals.received = None
 
 
 def test_nonfinite_losses_are_skipped_then_stop(shards, tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musicbert.inference import encode_bars, parse_layers, unwrap
+from musicbert.inference import encode_bars, parse_layers
+from musicbert.model import unwrap
 from musicbert.probes.sampling import TEST_BARS_PER_SONG, BarSample, sample_split
 from musicbert.shards import read_manifest
 from musicbert.vocab import DRUM_PROGRAM, GM_PROGRAM_NAMES, TEMPO_BINS

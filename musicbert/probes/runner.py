@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from musicbert.feature_store import FeatureStore
-from musicbert.inference import encode_bars, parse_layers, unwrap
+from musicbert.inference import encode_bars, parse_layers
+from musicbert.model import unwrap
 from musicbert.probes.metrics import METRICS, ProbeError, check_protocol
 from musicbert.probes.sampling import TEST_BARS_PER_SONG, TRAIN_BARS_PER_SONG, BarSample, sample_split, stage_progress
 from musicbert.probes.scoring import DEFAULT_CLUSTERS, LayerScores, score_layer

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from musicbert.data import read_songs
+from musicbert.shard_reader import read_songs
 from musicbert.label_schema import BAR_INDEX, BAR_LABELS, LABEL_NAMES, BarLabels
 from musicbert.probes.metrics import ProbeError
 from musicbert.shards import Song, read_manifest
