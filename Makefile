@@ -36,8 +36,13 @@ test: install
 bench: install
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/preprocess.py
+	$(PY) bench/preprocess_pool.py
+	$(PY) bench/fidelity.py
+	$(PY) bench/chord_truth.py
 	$(PY) bench/loader.py
+	$(PY) bench/packing.py
 	$(PY) bench/train.py
+	$(PY) bench/evaluate_memory.py
 
 clean:
 	rm -rf $(DEMO) $(STUDY) .pytest_cache

@@ -58,6 +58,8 @@ def sleepy_task(slow: frozenset[str], fast_s: float, slow_s: float, payload: int
 def old_pool_class(rev: str):
     """``TaskPool`` of commit ``rev``, taking (and ignoring) the keyword arguments the new one takes."""
     source = subprocess.run(["git", "show", f"{rev}:preprocess/pool.py"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    # the tokeniser's modules have moved from preprocess/ to musicbert/tokenizer/ since then
+    source = source.replace("from preprocess.errors import", "from musicbert.tokenizer.errors import")
     module = types.ModuleType("old_pool")
     sys.modules[module.__name__] = module  # dataclasses look their module up there
     exec(compile(source, f"{rev}:preprocess/pool.py", "exec"), module.__dict__)
