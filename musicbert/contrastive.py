@@ -13,11 +13,10 @@ The accuracy is the share of those ``2P`` rows whose most similar other row is t
 
 Distributed convention (exact): under ``torch.distributed`` the pairs of all ranks form one
 global batch (ranks may hold different ``P``, including 0). Each rank gathers every rank's
-embeddings with :func:`gather_with_grad` (sizes first, pad to the largest, the differentiable
-``torch.distributed.nn.functional.all_gather``, strip) and computes the **global** loss and
-accuracy, so every rank returns the same values, equal to one process's on the concatenated
-batch. The gather's backward sums the gradient over ranks and hands each rank the slice of
-its own rows. As every rank computed the same global loss, each rank's local embeddings thus
+embeddings with :func:`gather_with_grad` (sizes first, pad to the largest, ``all_gather``,
+strip) and computes the **global** loss and accuracy, so every rank returns the same values,
+equal to one process's on the concatenated batch. The gather's backward all-reduces (sums)
+the gradient over ranks and hands each rank the slice of its own rows. As every rank computed the same global loss, each rank's local embeddings thus
 receive ``world_size`` times the single-process gradient, and DDP's average over ranks gives
 parameter gradients equal to the single-process gradients on the concatenated batch: nothing
 needs rescaling, and the contrastive term is simply added to the rank's (local-mean) MLM loss.
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 
@@ -35,12 +33,35 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather of equally shaped tensors; backward sums gradients over ranks and returns this rank's slice.
+
+    Why not ``torch.distributed.nn.functional.all_gather``: on gloo its backward emulates a
+    reduce-scatter with an all-to-all, and 2-rank gloo runs (the CPU tests) hung there
+    intermittently, inside a backward that also carries DDP's gradient all-reduces. One
+    all-reduce, which every backend has, does the same job here.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank = dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` ``[n_r, ...]`` of every rank along dim 0, rank order; ``n_r`` may differ (and be 0).
 
-    Differentiable (``torch.distributed.nn.functional.all_gather``): the gradient reaching this
-    rank's rows is the sum, over ranks, of the gradients their losses put on those rows. Ranks
-    exchange their sizes first and pad to the largest, as ``all_gather`` needs equal shapes.
+    Differentiable: the gradient reaching this rank's rows is the sum, over ranks, of the
+    gradients their losses put on those rows. Ranks exchange their sizes first and pad to the
+    largest, as ``all_gather`` needs equal shapes.
     Without an initialised process group (or with one rank) it returns ``x``. Every rank must
     call it (it is a collective), and all ranks must agree on whether ``x`` requires grad (the
     backward is a collective too).
@@ -55,8 +76,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if longest == 0:
         return x
     padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - x.shape[0])) if x.shape[0] < longest else x
-    parts = dist_nn.all_gather(padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    stacked = _AllGather.apply(padded)  # without grad, just the forward
+    return torch.cat([stacked[r, :s] for r, s in enumerate(sizes)])
 
 
 def nt_xent_local(anchors: torch.Tensor, positives: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
