@@ -24,8 +24,9 @@ song.json      -        -                ``{"id", "path", "n_bars", "first_bar"}
 ``first_bar`` is the bar of the MIDI file, counted in 4/4 bars from tick 0, that
 ``bar_index`` 0 stands for (the bar of the song's first note): bar ``bar_index[b] +
 first_bar`` of the file is kept bar ``b``. It maps annotations made on the score to kept
-bars (:mod:`musicbert.custom_labels`). Shards written before it was recorded lack the key
-(``Song.first_bar`` is then ``None``); everything else reads them as before.
+bars (:mod:`musicbert.custom_labels`). The preprocessor (format 2) always writes it; a song
+without it (e.g. synthetic test shards) has ``Song.first_bar = None`` and takes only song-level
+annotations.
 
 Nothing is pickled: arrays are decoded with ``allow_pickle=False``.
 """
@@ -66,7 +67,7 @@ class Song(BarLabels):
     tokens: np.ndarray
     offsets: np.ndarray
     bar_index: np.ndarray
-    first_bar: int | None = None  # file bar (from tick 0) of bar_index 0; None in older shards
+    first_bar: int | None = None  # file bar (from tick 0) of bar_index 0; None when song.json lacks it
 
     @property
     def n_bars(self) -> int:
