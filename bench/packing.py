@@ -11,7 +11,16 @@ each number of rows per batch of ``data.row_len`` tokens, with the packer's defa
 Each measurement packs about the same number of tokens; the row counts are measured in
 turn, ``--rounds`` times, and the least CPU time per token of each is kept (load from
 other processes only ever adds time). Padding efficiency is real tokens / positions over
-the measured batches. The last line is ``RESULT ns_per_token_12=… ratio_96_12=… padding_efficiency_12=…``
+the measured batches.
+
+The packer runs in DataLoader workers, which use one torch thread
+(:func:`musicbert.loader_workers.worker_init`); so does this script. With torch's default
+threads, counting a batch's real tokens (a torch reduction, outside the timed part) runs
+in parallel once a batch has more than 32,768 positions (32 rows of 1024), and the OpenMP
+thread then spins idle for a while, its CPU time counted by ``time.process_time`` inside
+the next timed part: a spurious 1.7-2x step between 32 and 40 rows (measured 2026-12-02).
+
+The last line is ``RESULT ns_per_token_12=… ratio_96_12=… padding_efficiency_12=…``
 for the smallest and largest row counts.
 """
 
@@ -27,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -81,6 +91,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="measurements per row count, least kept")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. objective.mode=BERT")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # as in the DataLoader workers that pack batches (see the docstring)
 
     with tempfile.TemporaryDirectory(prefix="bench-packing-") as tmp:
         root = Path(tmp) / "shards"
