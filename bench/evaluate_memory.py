@@ -76,29 +76,48 @@ def write_checkpoint(run_dir: Path) -> None:
     save_checkpoint(run_dir, 0, {"model": model.state_dict(), "config": cfg.to_dict(), "vocab_sha256": VOCAB.sha256}, keep=1)
 
 
+def reset_peak_rss() -> None:
+    """Start a new ``VmHWM`` period (Linux >= 4.0: writing 5 to ``clear_refs`` resets the peak to the current RSS)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def child(args: argparse.Namespace) -> None:
-    """Run one evaluation in this process; print its peak RSS and timings as JSON."""
+    """Run one evaluation in this process; print its peak RSS, the peak of each stage and the timings as JSON.
+
+    Each stage (sampling, features, probes) starts a new peak period, so its peak is its own;
+    the run's peak is the largest of them (and of what happens between them).
+    """
     from musicbert import evaluate
     from musicbert.probes import runner
 
     timings = {"features_cpu_s": 0.0, "probes_cpu_s": 0.0}
+    peaks = {"sampling_mib": 0.0, "features_mib": 0.0, "probes_mib": 0.0, "between_mib": 0.0}
 
-    def timed(fn, key):
+    def staged(fn, stage, timing=None):
         def wrapper(*a, **kw):
+            peaks["between_mib"] = max(peaks["between_mib"], peak_rss_mib())
+            reset_peak_rss()
             t = time.process_time()
             try:
                 return fn(*a, **kw)
             finally:
-                timings[key] += time.process_time() - t
+                if timing:
+                    timings[timing] += time.process_time() - t
+                peaks[stage] = max(peaks[stage], peak_rss_mib())
+                reset_peak_rss()
         return wrapper
 
-    runner.encode_bars = timed(runner.encode_bars, "features_cpu_s")  # the names probe_model calls
-    runner.score_layer = timed(runner.score_layer, "probes_cpu_s")
+    # the names _score_repeat and probe_model call
+    runner._draw_repeat = staged(runner._draw_repeat, "sampling_mib")
+    runner.encode_bars = staged(runner.encode_bars, "features_mib", "features_cpu_s")
+    runner.score_layer = staged(runner.score_layer, "probes_mib", "probes_cpu_s")
     started = time.perf_counter()
     metrics = evaluate.evaluate(args.run, args.shards, None, layers="all", repeats=args.repeats, device="cpu",
                                 clusters=args.clusters, seed=0, batch_tokens=args.batch_tokens, work_dir=args.shards.parent)
+    peaks["between_mib"] = max(peaks["between_mib"], peak_rss_mib())
     s = metrics["settings"]
-    print(json.dumps({"peak_mib": peak_rss_mib(), "wall_s": time.perf_counter() - started, **timings,
+    print(json.dumps({"peak_mib": max(peaks.values()), **peaks, "wall_s": time.perf_counter() - started, **timings,
                       "train_bars": s["train_bars"], "test_bars": s["test_bars"], "layers": len(s["layers"])}))
 
 
@@ -173,7 +192,9 @@ def main() -> None:
     for name, r in runs.items():
         log(f"{name}: {sizes[name]} train / {sizes[name] // 8} test songs, {r['train_bars']} + {r['test_bars']} bars per repeat, "
             f"{r['layers']} layers x {args.repeats} repeats: peak RSS {r['peak_mib']:.0f} MiB "
-            f"({r['wall_s']:.0f} s; CPU s: features {r['features_cpu_s']:.1f}, probes {r['probes_cpu_s']:.1f})")
+            f"({r['wall_s']:.0f} s; CPU s: features {r['features_cpu_s']:.1f}, probes {r['probes_cpu_s']:.1f}); "
+            f"peak by stage: sampling {r['sampling_mib']:.0f}, features {r['features_mib']:.0f}, probes {r['probes_mib']:.0f}, "
+            f"between stages {r['between_mib']:.0f} MiB")
     small, large = runs["small"], runs["large"]
     n_small, n_large = (np.max(r["train_bars"]) for r in (small, large))
     growth = large["peak_mib"] - small["peak_mib"]

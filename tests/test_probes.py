@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -27,9 +28,12 @@ from musicbert.probes import scoring
 from musicbert.probes.scoring import (
     cluster_entropy,
     clusters_for,
+    Scaling,
     column_mean_std,
+    fit_then_apply,
     multilabel_scores,
-    standardise,
+    ridge_decision,
+    ridge_predict,
     tempo_accuracy_reference,
 )
 from musicbert.vocab import VOCAB
@@ -104,13 +108,33 @@ def test_clusters_capped_by_training_bars():
     assert clusters_for(5) == 2
 
 
-def test_standardise_uses_training_statistics_and_survives_constant_features():
+def test_scaling_uses_training_statistics_and_survives_constant_features():
     train = np.array([[1.0, 5.0], [3.0, 5.0]])
     test = np.array([[2.0, 6.0]])
-    a, b = standardise(train, test)
+    scaling = Scaling.of(train)
+    a, b = scaling.apply(train), scaling.apply(test)
     np.testing.assert_allclose(a, [[-1, 0], [1, 0]])
     np.testing.assert_allclose(b, [[0, 1]])
     assert a is train and b is test, "in place: no copies of a layer's features"
+
+
+def test_fit_then_apply_lets_the_training_rows_go_before_reading_the_test_rows():
+    """A probe holds one layer's training rows at most, never with the test rows."""
+    rng = np.random.default_rng(0)
+    alive = []
+
+    class Watched(ArrayRows):
+        def take(self, mask=None):
+            assert not [r for r in alive if r() is not None], "training rows still held when the test rows are read"
+            return super().take(mask)
+
+    def fit(x):
+        alive.append(weakref.ref(x))
+        return x.mean(axis=0)
+
+    xtr, xte = rng.normal(size=(50, 4)) * 3 + 1, rng.normal(size=(20, 4))
+    out = fit_then_apply(ArrayRows(xtr), Watched(xte), fit, lambda mean, x: x - mean)
+    np.testing.assert_allclose(out, (xte - xtr.mean(0)) / xtr.std(0), atol=1e-12)
 
 
 def test_column_std_in_chunks_is_numpys_to_the_bit(monkeypatch):
@@ -140,6 +164,23 @@ def test_reference_multilabel_matches_a_plain_sklearn_pipeline():
     assert probe_multilabel("groove", ArrayRows(xtr), ytr, ArrayRows(xte), yte, "reference")[0] == pytest.approx(expected, abs=1e-12)
     expected_chords = roc_auc_score(yte[kte], (clf.decision_function(ztest) > -0.8).astype(int), average="weighted")
     assert probe_multilabel("chords", ArrayRows(xtr), ytr, ArrayRows(xte), yte, "reference")[0] == pytest.approx(expected_chords, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 5])
+def test_ridge_predict_and_decision_equal_ridge_classifier(n_classes):
+    """The probes fit RidgeClassifier's ridge themselves (without its copy of the features): same predictions and scores."""
+    from sklearn.linear_model import RidgeClassifier
+
+    rng = np.random.default_rng(n_classes)
+    labels = rng.integers(0, n_classes, 120) * 3 + 1  # class values that are not 0..n-1
+    xtr = rng.normal(size=(120, 8)) + labels[:, None] * 0.2
+    xte = rng.normal(size=(50, 8))
+    clf = RidgeClassifier(alpha=scoring.ALPHA).fit(Scaling.of(xtr).apply(xtr.copy()), labels)
+    np.testing.assert_array_equal(ridge_predict(ArrayRows(xtr), labels, ArrayRows(xte)), clf.predict(Scaling.of(xtr).apply(xte.copy())))
+    onehot = (rng.random((120, 6)) < 0.3).astype(np.uint8)
+    multi = RidgeClassifier(alpha=scoring.ALPHA).fit(Scaling.of(xtr).apply(xtr.copy()), onehot.astype(float))
+    expected = multi.decision_function(Scaling.of(xtr).apply(xte.copy()))
+    np.testing.assert_allclose(ridge_decision(ArrayRows(xtr), onehot, ArrayRows(xte)), expected, rtol=1e-5, atol=1e-6)
 
 
 def synthetic_sample(rng, n, n_songs):

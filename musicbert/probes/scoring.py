@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -54,15 +54,47 @@ def column_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(total / len(x))
 
 
-def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scale both, in place, with the training rows' mean and (population) std, and return
-    them; a constant feature is only centred."""
-    mean, std = column_mean_std(train)
-    std = np.where(std > 0, std, 1.0)
-    for x in (train, test):
-        x -= mean
-        x /= std
-    return train, test
+@dataclass(frozen=True)
+class Scaling:
+    """Standardisation with the training rows' mean and (population) std; a constant feature is only centred."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def of(cls, train: np.ndarray) -> "Scaling":
+        mean, std = column_mean_std(train)
+        return cls(mean, np.where(std > 0, std, 1.0))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Scale ``x`` in place and return it."""
+        x -= self.mean
+        x /= self.std
+        return x
+
+
+M = TypeVar("M")
+
+
+def fit_then_apply(
+    train_x: FeatureRows,
+    test_x: FeatureRows,
+    fit: Callable[[np.ndarray], M],
+    apply: Callable[[M, np.ndarray], np.ndarray],
+    train_rows: np.ndarray | None = None,
+    test_rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """``apply(fit(train), test)`` on standardised rows (all, or those a boolean mask picks).
+
+    The training rows are read (a fresh copy), scaled in place and fitted, and let go before
+    the test rows are read: a probe holds at most one layer's training features, never
+    together with the test features or with what ``apply``'s result is scored by.
+    """
+    train = train_x.take(train_rows)
+    scaling = Scaling.of(train)
+    model = fit(scaling.apply(train))
+    del train
+    return apply(model, scaling.apply(test_x.take(test_rows)))
 
 
 def column_auc(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -142,30 +174,68 @@ class LayerScores:
     clusters: int = 0
 
 
-# Every probe reads its own rows (FeatureRows.take: a fresh copy, from disk when the features
-# are stored), standardises them in place and lets the ridge centre them in place
-# (copy_X=False): one copy of a layer's training rows at a time.
+def plus_minus(indicator: np.ndarray) -> np.ndarray:
+    """0/1 labels ``[bars, labels]`` as the +-1 float32 targets of a ridge classifier."""
+    targets = np.asarray(indicator, dtype=np.float32)
+    targets *= 2
+    targets -= 1
+    return targets
+
+
+def fit_ridge(x: np.ndarray, targets: np.ndarray):
+    """``Ridge(alpha=ALPHA)`` fitted to ``x``, which it centres in place (``copy_X=False``).
+
+    Fitting +-1 targets (:func:`plus_minus`) is what ``RidgeClassifier`` does; doing it here
+    gives the same scores without RidgeClassifier's copies: its int64 labels (5 kB a bar
+    for 129 labels) and, because it always passes sample weights (all 1), a rescaled copy
+    of ``x``.
+    """
+    from sklearn.linear_model import Ridge
+
+    return Ridge(alpha=ALPHA, copy_X=False).fit(x, targets)
+
+
+def ridge_scores(model, x: np.ndarray) -> np.ndarray:
+    """The fitted ridge's outputs on ``x``, ``[rows, targets]`` (a column even for one target)."""
+    return model.predict(x).reshape(len(x), -1)
+
+
+def ridge_decision(train_x: FeatureRows, indicator: np.ndarray, test_x: FeatureRows, train_rows=None, test_rows=None) -> np.ndarray:
+    """``RidgeClassifier(alpha=ALPHA).decision_function`` on the standardised test rows, fitted
+    to the standardised training rows and their 0/1 ``indicator [bars, labels]`` (a column
+    per label, one-vs-rest); see :func:`fit_then_apply` for ``train_rows``/``test_rows``."""
+    targets = plus_minus(indicator)
+    return fit_then_apply(train_x, test_x, lambda x: fit_ridge(x, targets), ridge_scores, train_rows, test_rows)
+
+
+def ridge_predict(train_x: FeatureRows, labels: np.ndarray, test_x: FeatureRows) -> np.ndarray:
+    """``RidgeClassifier(alpha=ALPHA).predict`` on the standardised test rows, over the classes
+    seen in training (one decision column for two classes, as RidgeClassifier)."""
+    classes, index = np.unique(labels, return_inverse=True)
+    if len(classes) == 1:
+        return np.full(test_x.shape[0], classes[0])
+    onehot = np.zeros((len(labels), len(classes)), dtype=bool)
+    onehot[np.arange(len(labels)), index] = True
+    if len(classes) == 2:  # one column: the second class against the first
+        return classes[(ridge_decision(train_x, onehot[:, 1:], test_x)[:, 0] > 0).astype(np.int64)]
+    return classes[np.argmax(ridge_decision(train_x, onehot, test_x), axis=1)]
+
+
+# Every probe goes through fit_then_apply: it reads its own rows (FeatureRows.take: a fresh
+# copy, from disk when the features are stored), standardises them in place and lets the
+# ridge centre them in place (copy_X=False): one copy of a layer's training rows at a time.
 
 
 def probe_multilabel(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte, protocol) -> tuple[float, str | None]:
-    from sklearn.linear_model import Ridge
-
     keep_tr = ytr.sum(axis=1) > 0
     keep_te = yte.sum(axis=1) > 0
     if keep_tr.sum() < 2:
         return float("nan"), f"{name}: fewer than 2 training bars with a positive label"
     if keep_te.sum() == 0:
         return float("nan"), f"{name}: no test bar with a positive label"
-    xtr, xte = standardise(train_x.take(keep_tr), test_x.take(keep_te))
-    ytr, yte = ytr[keep_tr], yte[keep_te]
-    # RidgeClassifier fits a ridge to +-1 targets; fitting them directly gives the same
-    # decision scores to the bit without its int64 label copies (5 kB a bar for 129 labels).
-    targets = ytr.astype(np.float32)
-    targets *= 2
-    targets -= 1
-    decision = Ridge(alpha=ALPHA, copy_X=False).fit(xtr, targets).predict(xte)
+    decision = ridge_decision(train_x, ytr[keep_tr], test_x, keep_tr, keep_te)
     threshold = REFERENCE_CHORD_THRESHOLD if name == "chords" else 0.0
-    value = weighted_auc(yte, multilabel_scores(decision, protocol, threshold))
+    value = weighted_auc(yte[keep_te], multilabel_scores(decision, protocol, threshold))
     if math.isnan(value):
         return value, f"{name}: no label has both positive and negative test bars"
     return value, None
@@ -173,35 +243,25 @@ def probe_multilabel(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte, 
 
 def probe_accuracy(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte) -> tuple[float, str | None]:
     """Multi-class ridge classifier over the classes seen in training; accuracy of its argmax."""
-    from sklearn.linear_model import RidgeClassifier
-
     if len(ytr) < 2 or len(yte) == 0:
         return float("nan"), f"{name}: too few bars"
-    xtr, xte = standardise(train_x.take(), test_x.take())
-    clf = RidgeClassifier(alpha=ALPHA, copy_X=False).fit(xtr, np.asarray(ytr, dtype=np.int64))
-    return float(np.mean(clf.predict(xte) == np.asarray(yte, dtype=np.int64))), None
+    predicted = ridge_predict(train_x, np.asarray(ytr, dtype=np.int64), test_x)
+    return float(np.mean(predicted == np.asarray(yte, dtype=np.int64))), None
 
 
 def probe_tempo(train_x: FeatureRows, ttr, test_x: FeatureRows, tte, protocol) -> tuple[float, str | None]:
-    from sklearn.linear_model import RidgeClassifier
-
     if protocol == "standard":
         return probe_accuracy("tempo", train_x, ttr, test_x, tte)
     if len(ttr) < 2 or len(tte) == 0:
         return float("nan"), "tempo: too few bars"
-    xtr, xte = standardise(train_x.take(), test_x.take())
-    onehot = np.eye(N_TEMPO, dtype=np.int64)[np.asarray(ttr, dtype=np.int64)]
-    clf = RidgeClassifier(alpha=ALPHA, copy_X=False).fit(xtr, onehot)
-    return tempo_accuracy_reference(clf.decision_function(xte), np.asarray(tte, dtype=np.int64)), None
+    onehot = np.eye(N_TEMPO, dtype=bool)[np.asarray(ttr, dtype=np.int64)]  # the reference: a column per tempo bin
+    return tempo_accuracy_reference(ridge_decision(train_x, onehot, test_x), np.asarray(tte, dtype=np.int64)), None
 
 
 def probe_regression(name, train_x: FeatureRows, ytr, test_x: FeatureRows, yte) -> tuple[float, str | None]:
-    from sklearn.linear_model import Ridge
-
     if len(ytr) < 2 or len(yte) == 0:
         return float("nan"), f"{name}: too few bars"
-    xtr, xte = standardise(train_x.take(), test_x.take())
-    pred = Ridge(alpha=ALPHA, copy_X=False).fit(xtr, ytr.astype(np.float64)).predict(xte)
+    pred = fit_then_apply(train_x, test_x, lambda x: fit_ridge(x, ytr.astype(np.float64)), lambda m, x: m.predict(x))
     return float(np.sqrt(np.mean((pred - yte.astype(np.float64)) ** 2))), None
 
 
@@ -212,12 +272,11 @@ def probe_clustering(train_x: FeatureRows, test_x: FeatureRows, test_songs, clus
     k = clusters_for(n_train, clusters)
     if n_train < k or n_test == 0:
         return float("nan"), k, "song_clustering: too few bars"
-    xtr, xte = standardise(train_x.take(), test_x.take())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on small samples
         # n_init and batch_size as the defaults of scikit-learn 1.1.3, the version the reference pinned
-        km = MiniBatchKMeans(n_clusters=k, n_init=3, batch_size=1024, random_state=seed).fit(xtr)
-        assignments = km.predict(xte)
+        km = MiniBatchKMeans(n_clusters=k, n_init=3, batch_size=1024, random_state=seed)
+        assignments = fit_then_apply(train_x, test_x, km.fit, lambda model, x: model.predict(x))
     return cluster_entropy(assignments, test_songs, k, protocol), k, None
 
 
