@@ -1,7 +1,12 @@
 """Preprocessing with a few slow files: wall time against perfect balance, new pool vs old.
 
-    python bench/preprocess_pool.py                       # 400 files, 4 of them 10 s, 8 workers
+    python bench/preprocess_pool.py                       # 400, then 4000 files, 4 of them 10 s, 8 workers
     python bench/preprocess_pool.py --baseline 2382ef3    # also the pool of that commit, same run
+
+Two corpora by default, each run the same way: the issue's example (400 files, 4 of them
+10 s), where no schedule comes within 1.3x of perfect balance (a 10 s file cannot be split),
+and ten times as many ordinary files with the same 4 slow ones, where perfect balance can
+be reached and a corpus of Lakh's size sits: its slow files are a small share of the work.
 
 Runs the whole corpus path (``preprocess_corpus``: pool, results in file order, shard
 writer, manifest) on ``--files`` empty ``.mid`` files with a task that sleeps instead of
@@ -19,7 +24,8 @@ Bounds printed beside the wall time:
 
 ``--baseline REV`` also runs the pool of commit ``REV`` (``git show REV:preprocess/pool.py``,
 loaded as a module of its own) in the same run, and checks that both runs wrote
-byte-identical folders. The last line is ``RESULT wall_s=… vs_perfect_balance=… vs_best_possible=… vs_in_file_order=…``.
+byte-identical folders. The last line is ``RESULT wall_s_400=… vs_perfect_balance_400=… vs_best_possible_400=…
+vs_in_file_order_400=… [old_wall_s_400=…] wall_s_4000=… …``, a group per corpus size.
 """
 
 from __future__ import annotations
@@ -94,26 +100,16 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--files", type=int, default=400)
-    ap.add_argument("--n-slow", type=int, default=4)
-    ap.add_argument("--fast", type=float, default=0.05, help="seconds per ordinary file (default %(default)s)")
-    ap.add_argument("--slow", type=float, default=10.0, help="seconds per slow file (default %(default)s)")
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--payload-kb", type=int, default=64, help="size of each result (default %(default)s KiB)")
-    ap.add_argument("--seed", type=int, default=0, help="draws the places of the slow files")
-    ap.add_argument("--baseline", metavar="REV", help="also run the pool of this git commit (e.g. 2382ef3, before issue 14)")
-    args = ap.parse_args()
-
-    names = [f"f{i:05d}.mid" for i in range(args.files)]
-    slow_at = sorted(np.random.default_rng(args.seed).choice(args.files, args.n_slow, replace=False).tolist())
+def scenario(n_files: int, args: argparse.Namespace) -> tuple[int, dict[str, float]]:
+    """Run one corpus of ``n_files`` files (old pool first with ``--baseline``); exit status and RESULT figures."""
+    names = [f"f{i:05d}.mid" for i in range(n_files)]
+    slow_at = sorted(np.random.default_rng(args.seed).choice(n_files, args.n_slow, replace=False).tolist())
     task = functools.partial(sleepy_task, frozenset(names[i] for i in slow_at), args.fast, args.slow, args.payload_kb * 1024)
-    total = args.n_slow * args.slow + (args.files - args.n_slow) * args.fast
+    total = args.n_slow * args.slow + (n_files - args.n_slow) * args.fast
     balance = total / args.workers
     best = max(balance, args.slow if args.n_slow else args.fast)
-    greedy = in_file_order([args.slow if i in slow_at else args.fast for i in range(args.files)], args.workers)
-    print(f"{args.files} files, {args.n_slow} of them {args.slow:g} s (at {slow_at}), the others {args.fast:g} s; "
+    greedy = in_file_order([args.slow if i in slow_at else args.fast for i in range(n_files)], args.workers)
+    print(f"\n{n_files} files, {args.n_slow} of them {args.slow:g} s (at {slow_at}), the others {args.fast:g} s; "
           f"{args.workers} workers; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"perfect balance {balance:.2f} s (total {total:.1f} s / {args.workers}); best possible {best:.2f} s; "
           f"in file order {greedy:.2f} s")
@@ -135,17 +131,38 @@ def main() -> int:
             extra = "" if spilled is None else f"; {spilled} results waited on disk"
             print(f"{name:22s} {wall:6.2f} s wall = {wall / balance:.2f}x perfect balance, {wall / best:.2f}x best possible, "
                   f"{wall / greedy:.2f}x in file order{extra}")
+        same = True
         if args.baseline:
             same = tree_digest(tmp / "old") == tree_digest(tmp / "new")
             print(f"old and new output folders byte-identical: {same}")
-            if not same:
-                return 1
+    figures = {"wall_s": wall_new, "vs_perfect_balance": wall_new / balance, "vs_best_possible": wall_new / best,
+               "vs_in_file_order": wall_new / greedy}
+    if args.baseline:
+        figures["old_wall_s"] = rows[0][1]
+    return (0 if same else 1), figures
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, nargs="+", default=[400, 4000], help="corpus sizes, one run each (default %(default)s)")
+    ap.add_argument("--n-slow", type=int, default=4)
+    ap.add_argument("--fast", type=float, default=0.05, help="seconds per ordinary file (default %(default)s)")
+    ap.add_argument("--slow", type=float, default=10.0, help="seconds per slow file (default %(default)s)")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--payload-kb", type=int, default=64, help="size of each result (default %(default)s KiB)")
+    ap.add_argument("--seed", type=int, default=0, help="draws the places of the slow files")
+    ap.add_argument("--baseline", metavar="REV", help="also run the pool of this git commit (e.g. 2382ef3, before issue 14)")
+    args = ap.parse_args()
+
+    status, result = 0, []
+    for n_files in args.files:
+        failed, figures = scenario(n_files, args)
+        status |= failed
+        result += [f"{key}_{n_files}={value:.2f}" for key, value in figures.items()]
     print(f"peak memory (maxrss): main process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB, "
           f"largest worker {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
-    print(f"RESULT wall_s={wall_new:.2f} vs_perfect_balance={wall_new / balance:.2f} vs_best_possible={wall_new / best:.2f} "
-          f"vs_in_file_order={wall_new / greedy:.2f}"
-          + (f" old_wall_s={rows[0][1]:.2f}" if args.baseline else ""))
-    return 0
+    print("RESULT " + " ".join(result))
+    return status
 
 
 if __name__ == "__main__":
