@@ -330,11 +330,36 @@ class LabelTable:
 
 def match_labels(labels: LabelFile, index: PathIndex) -> LabelTable:
     """Map a label file's paths to song ids and its file bars to kept bars, counting what does not match."""
-    song_targets: dict[str, list[int]] = {}
-    bar_targets: dict[tuple[str, int], list[int]] = {}
     unknown: Counter[str] = Counter()
-    counts = Counter()
-    kept_bars: dict[str, set[int]] = {}
+    counts: Counter[str] = Counter()
+    song_targets = _match_song_rows(labels, index, unknown, counts)
+    bar_targets = _match_bar_rows(labels, index, unknown, counts)
+    keys = len(labels.song_rows) + len(labels.bar_rows)
+    summary = {
+        "file": str(labels.file),
+        "kind": labels.kind,
+        "metric": METRIC_OF_KIND[labels.kind],
+        "level": labels.level,
+        "classes": len(labels.classes),
+        "rows": labels.rows,
+        "labelled": keys,  # distinct songs (rows without bar) and (song, bar) pairs
+        "matched": counts["matched_rows"],
+        "unknown_paths": len(unknown),
+        "unknown_path_labels": sum(unknown.values()),
+        "unknown_path_examples": sorted(unknown)[:EXAMPLES_KEPT],
+        "bars_before_song": counts["bars_before_song"],
+        "bars_after_song": counts["bars_after_song"],
+        "bars_not_kept": counts["bars_not_kept"],
+    }
+    table = LabelTable(labels.name, labels.file, labels.kind, labels.classes, labels.values, song_targets,
+                       bar_targets, summary)
+    _log_summary(table)
+    return table
+
+
+def _match_song_rows(labels: LabelFile, index: PathIndex, unknown: Counter, counts: Counter) -> dict[str, list[int]]:
+    """Song-level labels by song id (a song named by several paths takes the union of their labels)."""
+    song_targets: dict[str, list[int]] = {}
     for path, found in labels.song_rows.items():
         entry = index.find(path)
         if entry is None:
@@ -343,6 +368,14 @@ def match_labels(labels: LabelFile, index: PathIndex) -> LabelTable:
         target = song_targets.setdefault(entry.id, [])
         target += [x for x in found if x not in target]
         counts["matched_rows"] += 1
+    return song_targets
+
+
+def _match_bar_rows(labels: LabelFile, index: PathIndex, unknown: Counter, counts: Counter) -> dict[tuple[str, int], list[int]]:
+    """Bar-level labels by (song id, bar counted from the song's first kept bar); bars outside
+    the song or not kept are counted by reason. Needs ``first_bar`` in every matched song."""
+    bar_targets: dict[tuple[str, int], list[int]] = {}
+    kept_bars: dict[str, set[int]] = {}
     no_first_bar = set()
     for (path, bar), found in labels.bar_rows.items():
         entry = index.find(path)
@@ -369,27 +402,7 @@ def match_labels(labels: LabelFile, index: PathIndex) -> LabelTable:
             f"{labels.file}: bar labels need shards that record each song's first_bar (song.json); "
             f"{len(no_first_bar)} song(s) such as {sorted(no_first_bar)[0]} lack it: preprocess the corpus again"
         )
-    keys = len(labels.song_rows) + len(labels.bar_rows)
-    summary = {
-        "file": str(labels.file),
-        "kind": labels.kind,
-        "metric": METRIC_OF_KIND[labels.kind],
-        "level": labels.level,
-        "classes": len(labels.classes),
-        "rows": labels.rows,
-        "labelled": keys,  # distinct songs (rows without bar) and (song, bar) pairs
-        "matched": counts["matched_rows"],
-        "unknown_paths": len(unknown),
-        "unknown_path_labels": sum(unknown.values()),
-        "unknown_path_examples": sorted(unknown)[:EXAMPLES_KEPT],
-        "bars_before_song": counts["bars_before_song"],
-        "bars_after_song": counts["bars_after_song"],
-        "bars_not_kept": counts["bars_not_kept"],
-    }
-    table = LabelTable(labels.name, labels.file, labels.kind, labels.classes, labels.values, song_targets,
-                       bar_targets, summary)
-    _log_summary(table)
-    return table
+    return bar_targets
 
 
 def _log_summary(table: LabelTable) -> None:

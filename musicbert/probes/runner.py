@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,12 +27,28 @@ class ProbeResult:
 
     layers: list[int]
     values: dict[int, dict[str, list[float]]]
-    notes: list[str]
-    clusters_used: list[int]
-    train_songs: int
-    test_songs: int
-    train_bars: list[int]
-    test_bars: list[int]
+    notes: list[str] = field(default_factory=list)
+    clusters_used: list[int] = field(default_factory=list)
+    train_songs: int = 0  # of the first repeat
+    test_songs: int = 0
+    train_bars: list[int] = field(default_factory=list)  # per repeat
+    test_bars: list[int] = field(default_factory=list)
+
+    def add_sample(self, train: BarSample, test: BarSample) -> None:
+        """Record a repeat's sample sizes (before its bars are encoded and let go)."""
+        if not self.train_bars:
+            self.train_songs, self.test_songs = train.n_songs, test.n_songs
+        self.train_bars.append(len(train))
+        self.test_bars.append(len(test))
+
+    def add_scores(self, scored: list[tuple[int, LayerScores]]) -> None:
+        """Record the scores of the repeat last sampled (:meth:`add_sample`), every layer."""
+        repeat = len(self.train_bars)
+        for layer, scores in scored:
+            for m, v in scores.values.items():
+                self.values[layer][m].append(v)
+            self.notes += [f"layer {layer} repeat {repeat}: {n}" for n in scores.notes]
+            self.clusters_used = sorted({*self.clusters_used, scores.clusters})
 
 
 def _draw_repeat(shards_dir, split: str, per_song: int, repeat: int, max_songs, seed: int, progress: bool, desc: str) -> BarSample:
@@ -117,36 +133,17 @@ def probe_model(
     bare = unwrap(model)
     layer_list = parse_layers(layers, bare.cfg.n_layers)
     names = (*METRICS, *(t.name for t in labels))
-    values: dict[int, dict[str, list[float]]] = {l: {m: [] for m in names} for l in layer_list}
-    notes: list[str] = []
-    clusters_used: list[int] = []
-    sizes: dict[str, list[int]] = {"train_songs": [], "test_songs": [], "train_bars": [], "test_bars": []}
+    result = ProbeResult(layer_list, {layer: {m: [] for m in names} for layer in layer_list})
     for r in range(repeats):
         stage = f"repeat {r + 1}/{repeats}: " if repeats > 1 else ""
         train, test = (
             _draw_repeat(shards_dir, split, per_song, r, max_songs, seed, progress, f"{stage}sampling {split}")
             for split, per_song in ((train_split, train_per_song), (test_split, test_per_song))
         )
-        for name, sample in (("train", train), ("test", test)):
-            sizes[f"{name}_songs"].append(sample.n_songs)
-            sizes[f"{name}_bars"].append(len(sample))
-        scored = _score_repeat(bare, train, test, layer_list, ProbeSettings(protocol, clusters, seed + r, labels),
-                               EncodeSettings(device, batch_tokens, precision, work_dir), progress, stage)
-        for layer, scores in scored:
-            for m, v in scores.values.items():
-                values[layer][m].append(v)
-            notes += [f"layer {layer} repeat {r + 1}: {n}" for n in scores.notes]
-            clusters_used.append(scores.clusters)
-    return ProbeResult(
-        layers=layer_list,
-        values=values,
-        notes=notes,
-        clusters_used=sorted(set(clusters_used)),
-        train_songs=sizes["train_songs"][0],
-        test_songs=sizes["test_songs"][0],
-        train_bars=sizes["train_bars"],
-        test_bars=sizes["test_bars"],
-    )
+        result.add_sample(train, test)
+        result.add_scores(_score_repeat(bare, train, test, layer_list, ProbeSettings(protocol, clusters, seed + r, labels),
+                                        EncodeSettings(device, batch_tokens, precision, work_dir), progress, stage))
+    return result
 
 
 def run_probes(

@@ -220,9 +220,14 @@ def beat_chroma(
     e = np.clip(end[keep], 0, n * T)
     ok = e > s
     s, e, p, v = s[ok], e[ok], pitch[keep][ok], velocity[keep][ok]
-    pc = p % 12
     bs = s // T  # beat of the first sounding tick
     be = (e - 1) // T  # beat of the last sounding tick
+    return BeatChroma(_chroma(s, e, p % 12, v, bs, be, T, n), _lowest_pitch(p, bs, be, n))
+
+
+def _chroma(s, e, pc, v, bs, be, T: int, n: int) -> np.ndarray:
+    """``float32 [n, 12]``: velocity x share of each beat that the notes (ticks ``s``..``e``,
+    first and last beat ``bs``, ``be``) of each pitch class ``pc`` sound."""
     same = bs == be
     # direct contributions: whole note when inside one beat, else its first and last partial beat
     idx = np.concatenate([bs * 12 + pc, (be * 12 + pc)[~same]])
@@ -236,9 +241,12 @@ def beat_chroma(
         minlength=(n + 1) * 12,
     )
     chroma = chroma.reshape(n + 1, 12)[:n] + np.cumsum(diff.reshape(n + 1, 12), axis=0)[:n]
-    chroma = (chroma / T).astype(np.float32)
+    return (chroma / T).astype(np.float32)
 
-    # lowest sounding pitch per class: count of notes sounding per (beat, pitch), via a difference array
+
+def _lowest_pitch(p, bs, be, n: int) -> np.ndarray:
+    """``int16 [n, 12]``: the lowest pitch of each class sounding in each beat (:data:`NO_LOWEST` where none)."""
+    # count of notes sounding per (beat, pitch), via a difference array
     count = np.bincount(
         np.concatenate([bs * 128 + p, (be + 1) * 128 + p]),
         weights=np.concatenate([np.ones(len(p)), -np.ones(len(p))]),
@@ -247,8 +255,7 @@ def beat_chroma(
     sounding = np.cumsum(count.reshape(n + 2, 128)[:n], axis=0) > 0.5
     sounding = np.concatenate([sounding, np.zeros((n, 4), bool)], axis=1).reshape(n, 11, 12)
     octave = sounding.argmax(axis=1)
-    lowest = np.where(sounding.any(axis=1), octave * 12 + np.arange(12), NO_LOWEST).astype(np.int16)
-    return BeatChroma(chroma, lowest)
+    return np.where(sounding.any(axis=1), octave * 12 + np.arange(12), NO_LOWEST).astype(np.int16)
 
 
 def _window_candidates(chroma: np.ndarray, lowest: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
