@@ -31,6 +31,11 @@ Outputs in ``--out``:
 ``metrics.md``    the same as a table;
 ``layers.png``    each metric against layer.
 
+An interrupted evaluation resumes: run the same command again. Each layer's scores of each
+repeat are recorded in ``OUT/.evaluate-journal.json`` as soon as they are known, and what is
+recorded is not computed again (:mod:`musicbert.probes.journal`); the file is deleted once
+``metrics.json`` is written.
+
 ``--labels [NAME=]FILE.csv`` (repeatable) adds one metric per file, probed on the same bars:
 annotated labels per bar or per song (format and scoring in :mod:`musicbert.custom_labels`).
 Its values sit beside the seven in ``metrics.json`` (and its direction in ``better``); what
@@ -51,7 +56,9 @@ probe fitting on CPU, not the GPU, takes most of the time.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import math
 import sys
 import tempfile
@@ -75,7 +82,10 @@ from musicbert.probes import (
     probe_model,
 )
 from musicbert.report import compare, markdown_report, markdown_table, plot_layers, read_metrics
-from musicbert.shards import ShardFormatError
+from musicbert.probes.journal import ScoreJournal
+from musicbert.shards import MANIFEST, ShardFormatError
+
+JOURNAL = ".evaluate-journal.json"  # in --out while an evaluation is under way (see musicbert.probes.journal)
 
 
 def _clean(x: float) -> float | None:
@@ -111,12 +121,15 @@ def evaluate(
     test_bars_per_song: int = TEST_BARS_PER_SONG,
     work_dir: str | Path | None = None,
     labels: Sequence[str] = (),
+    journal: str | Path | None = None,
 ) -> dict:
     """Run the evaluation and return the ``metrics.json`` dict; with ``out``, write the three files.
 
     The features go to a temporary folder inside ``work_dir`` (default: ``out``, else the
     system's temporary folder), removed at the end. ``labels``: ``[NAME=]FILE.csv`` specs of
-    annotated labels (:mod:`musicbert.custom_labels`).
+    annotated labels (:mod:`musicbert.custom_labels`). ``journal``: the file that records
+    finished layers so that a rerun after an interruption resumes (default: ``OUT/``
+    :data:`JOURNAL` with ``out``, none without); removed once the results are complete.
     """
     # Over 60 lines: 19 keyword arguments and the "settings" table of metrics.json, each
     # written out once in the file's key order; the work itself is the 20 lines below.
@@ -130,12 +143,21 @@ def evaluate(
     work_root = work_dir if work_dir is not None else out
     if work_root is not None:
         Path(work_root).mkdir(parents=True, exist_ok=True)
+    if journal is None and out is not None:
+        journal = Path(out) / JOURNAL
+    scores_journal = None
+    if journal is not None:  # keyed by all that decides the scores; repeats and layers may grow
+        key = {"checkpoint": checkpoint_identity(info), "shards": shards_identity(shards), "random_init": random_init,
+               "seed": seed, "protocol": protocol, "clusters": clusters, "max_songs": max_songs,
+               "bars_per_song": [train_bars_per_song, test_bars_per_song], "device": dev.type, "precision": precision,
+               "labels": [[t.name, file_sha256(t.file)] for t in tables]}
+        scores_journal = ScoreJournal(journal, key)
     with tempfile.TemporaryDirectory(prefix="evaluate-features-", dir=work_root) as features_dir:
         result = probe_model(
             model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
             max_songs=max_songs, batch_tokens=batch_tokens, precision=precision, progress=progress,
             train_per_song=train_bars_per_song, test_per_song=test_bars_per_song, work_dir=features_dir,
-            labels=tables,
+            labels=tables, journal=scores_journal,
         )
     import sklearn
 
@@ -175,7 +197,28 @@ def evaluate(
         metrics["labels"] = {t.name: t.summary for t in tables}
     if out is not None:
         write_outputs(metrics, out)
+    if scores_journal is not None:
+        scores_journal.remove()
     return metrics
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_identity(info: dict) -> dict:
+    """The checkpoint file, its step and its size and modification time (cheap, unlike hashing a large file)."""
+    st = os.stat(info["checkpoint"])
+    return {"path": str(Path(info["checkpoint"]).resolve()), "step": info["step"], "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def shards_identity(shards: str | Path) -> dict:
+    """The shard folder and its manifest's hash (preprocessing again writes another manifest)."""
+    return {"path": str(Path(shards).resolve()), "manifest_sha256": file_sha256(Path(shards) / MANIFEST)}
 
 
 def write_outputs(metrics: dict, out: str | Path) -> None:

@@ -101,3 +101,59 @@ def test_bad_arguments_give_clear_errors(run_dir, example_shards, tmp_path, caps
     assert rc == 2 and "nothing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(["--shards", str(example_shards)])
+
+
+class Crash(Exception):
+    pass
+
+
+def count_calls(monkeypatch, module, name, crash_at: int | None = None) -> list:
+    """Wrap ``module.name``: record each call's arguments; raise Crash on call number ``crash_at``."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == crash_at:
+            raise Crash(f"{name} call {crash_at}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_an_interrupted_evaluation_resumes_with_the_layers_it_finished(run_dir, example_shards, tmp_path, monkeypatch):
+    from musicbert.probes import runner
+
+    kwargs = dict(repeats=2, device="cpu", seed=3)
+    expected = evaluate.evaluate(run_dir, example_shards, tmp_path / "whole", **kwargs)
+    out = tmp_path / "eval"
+    with monkeypatch.context() as m:  # repeat 1 scored, repeat 2 only its first layer, then a crash
+        count_calls(m, runner, "score_layer", crash_at=4)
+        with pytest.raises(Crash):
+            evaluate.evaluate(run_dir, example_shards, out, **kwargs)
+    assert (out / evaluate.JOURNAL).exists() and not (out / "metrics.json").exists()
+
+    scored = count_calls(monkeypatch, runner, "score_layer")
+    encoded = count_calls(monkeypatch, runner, "encode_bars")
+    drawn = count_calls(monkeypatch, runner, "_draw_repeat")
+    metrics = evaluate.evaluate(run_dir, example_shards, out, **kwargs)
+    assert len(scored) == 1, "only repeat 2's second layer is scored again"
+    assert [args[2] for args in encoded] == [[2]], "only that layer is encoded, once"
+    assert [args[3] for args in drawn] == [1, 1], "repeat 1 is not sampled again; repeat 2 is (train and test)"
+    assert metrics["layers"] == expected["layers"], "the same values as an uninterrupted run"
+    assert {k: v for k, v in metrics["settings"].items() if k != "seconds"} == \
+        {k: v for k, v in expected["settings"].items() if k != "seconds"}
+    assert not (out / evaluate.JOURNAL).exists(), "the journal goes once the results are written"
+
+
+def test_a_journal_of_other_settings_is_not_used(run_dir, example_shards, tmp_path, monkeypatch):
+    from musicbert.probes import runner
+
+    out = tmp_path / "eval"
+    with monkeypatch.context() as m:
+        count_calls(m, runner, "score_layer", crash_at=3)
+        with pytest.raises(Crash):
+            evaluate.evaluate(run_dir, example_shards, out, repeats=2, device="cpu", seed=3)
+    scored = count_calls(monkeypatch, runner, "score_layer")
+    evaluate.evaluate(run_dir, example_shards, out, repeats=2, device="cpu", seed=4)
+    assert len(scored) == 4, "another seed draws other bars: every layer of every repeat is scored"

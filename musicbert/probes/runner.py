@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +13,7 @@ import torch
 from musicbert.feature_store import FeatureStore
 from musicbert.inference import encode_bars, parse_layers
 from musicbert.model import unwrap
+from musicbert.probes.journal import SampleSizes, ScoreJournal
 from musicbert.probes.metrics import METRICS, ProbeError, check_protocol
 from musicbert.probes.sampling import TEST_BARS_PER_SONG, TRAIN_BARS_PER_SONG, BarSample, sample_split, stage_progress
 from musicbert.probes.scoring import DEFAULT_CLUSTERS, LayerScores, score_layer
@@ -34,12 +35,12 @@ class ProbeResult:
     train_bars: list[int] = field(default_factory=list)  # per repeat
     test_bars: list[int] = field(default_factory=list)
 
-    def add_sample(self, train: BarSample, test: BarSample) -> None:
-        """Record a repeat's sample sizes (before its bars are encoded and let go)."""
+    def add_sample(self, sizes: SampleSizes) -> None:
+        """Record a repeat's sample sizes."""
         if not self.train_bars:
-            self.train_songs, self.test_songs = train.n_songs, test.n_songs
-        self.train_bars.append(len(train))
-        self.test_bars.append(len(test))
+            self.train_songs, self.test_songs = sizes.train_songs, sizes.test_songs
+        self.train_bars.append(sizes.train_bars)
+        self.test_bars.append(sizes.test_bars)
 
     def add_scores(self, scored: list[tuple[int, LayerScores]]) -> None:
         """Record the scores of the repeat last sampled (:meth:`add_sample`), every layer."""
@@ -80,21 +81,19 @@ class EncodeSettings:
 
 def _score_repeat(
     bare: torch.nn.Module, train: BarSample, test: BarSample, layer_list: list[int], probe: ProbeSettings,
-    encode: EncodeSettings, progress: bool, stage: str,
-) -> list[tuple[int, LayerScores]]:
-    """Encode one repeat's bars into a temporary :class:`FeatureStore`, then score it layer by layer."""
+    encode: EncodeSettings, progress: bool, stage: str, on_scored: Callable[[int, LayerScores], None],
+) -> None:
+    """Encode one repeat's bars (the layers of ``layer_list``) into a temporary
+    :class:`FeatureStore`, then score it layer by layer, handing each layer's scores to ``on_scored``."""
     n_train, n_all = len(train), len(train) + len(test)
-    out = []
     with FeatureStore(len(layer_list), n_all, bare.cfg.dim, encode.work_dir) as store:
         encode_bars(bare, train.bars + test.bars, layer_list, encode.device, encode.batch_tokens, encode.precision,
                     progress, f"{stage}features", out=store)
         train.bars, test.bars = [], []  # the tokens are no longer needed
         per_layer = list(enumerate(layer_list))
         for li, layer in stage_progress(per_layer, f"{stage}probes", "layer", len(per_layer)) if progress else per_layer:
-            scores = score_layer(store.layer(li, np.arange(n_train)), train, store.layer(li, np.arange(n_train, n_all)), test,
-                                 probe.protocol, probe.clusters, probe.seed, probe.labels)
-            out.append((layer, scores))
-    return out
+            on_scored(layer, score_layer(store.layer(li, np.arange(n_train)), train, store.layer(li, np.arange(n_train, n_all)),
+                                         test, probe.protocol, probe.clusters, probe.seed, probe.labels))
 
 
 def probe_model(
@@ -116,6 +115,7 @@ def probe_model(
     progress: bool = False,
     work_dir: str | Path | None = None,
     labels: Sequence["LabelTable"] = (),
+    journal: ScoreJournal | None = None,
 ) -> ProbeResult:
     """Sample, extract features and score every chosen layer, ``repeats`` times (the seven
     metrics, then one per table of ``labels``).
@@ -125,7 +125,8 @@ def probe_model(
     :class:`~musicbert.feature_store.FeatureStore` (a temporary file in ``work_dir``, the
     system's temporary folder when None, deleted afterwards), and the probes read them back
     one layer at a time. ``progress`` shows each stage (sampling, features, probes) with its
-    ETA on stderr.
+    ETA on stderr. With a ``journal``, each layer's scores are recorded as they come, and
+    those it already holds are not computed again (:mod:`musicbert.probes.journal`).
     """
     check_protocol(protocol)
     if repeats < 1:
@@ -136,13 +137,27 @@ def probe_model(
     result = ProbeResult(layer_list, {layer: {m: [] for m in names} for layer in layer_list})
     for r in range(repeats):
         stage = f"repeat {r + 1}/{repeats}: " if repeats > 1 else ""
+        done = journal.scores(r) if journal else {}
+        todo = [layer for layer in layer_list if layer not in done]
+        if not todo:  # the whole repeat is in the journal
+            result.add_sample(journal.sizes(r))
+            result.add_scores([(layer, done[layer]) for layer in layer_list])
+            continue
         train, test = (
             _draw_repeat(shards_dir, split, per_song, r, max_songs, seed, progress, f"{stage}sampling {split}")
             for split, per_song in ((train_split, train_per_song), (test_split, test_per_song))
         )
-        result.add_sample(train, test)
-        result.add_scores(_score_repeat(bare, train, test, layer_list, ProbeSettings(protocol, clusters, seed + r, labels),
-                                        EncodeSettings(device, batch_tokens, precision, work_dir), progress, stage))
+        sizes = SampleSizes(train.n_songs, test.n_songs, len(train), len(test))
+        result.add_sample(sizes)
+
+        def scored(layer: int, scores: LayerScores, r: int = r, sizes: SampleSizes = sizes) -> None:
+            done[layer] = scores
+            if journal:
+                journal.record(r, sizes, layer, scores)
+
+        _score_repeat(bare, train, test, todo, ProbeSettings(protocol, clusters, seed + r, labels),
+                      EncodeSettings(device, batch_tokens, precision, work_dir), progress, stage, scored)
+        result.add_scores([(layer, done[layer]) for layer in layer_list])
     return result
 
 
