@@ -11,6 +11,7 @@ module              job
 ``sampling``        :class:`BarSample`, :func:`sample_split`: bars and labels of a split
 ``scoring``         the probes and :func:`score_layer`: the metrics of one layer
 ``runner``          :func:`probe_model`, :func:`run_probes`: sample, encode, score
+``journal``         :class:`ScoreJournal`: finished layers on disk, so that a rerun resumes
 ``projector``       :func:`write_projector`: embeddings for TensorBoard's projector
 =================== ===================================================================
 
