@@ -18,7 +18,8 @@ with every container and ``bytes`` leaf tagged so that the round trip is exact (
 comes back a tuple, ``bytes`` come back ``bytes``): a list is a JSON array,
 ``{"tuple": [...]}`` a tuple, ``{"dict": {...}}`` a dict and ``{"bytes": [offset, length]}``
 a ``bytes`` leaf, whose content lies at ``data[offset:offset + length]``. ``str``, ``int``,
-``float``, ``bool`` and ``None`` are themselves. The large leaves (the ``.npy`` members)
+``float`` (``inf`` and ``nan`` too: Python's ``json`` writes and reads them as
+``Infinity``/``NaN``), ``bool`` and ``None`` are themselves. The large leaves (the ``.npy`` members)
 thus go to the file as they are, never through JSON.
 
 Types are checked exactly (``type(x) is int``, not ``isinstance``): a subclass such as
