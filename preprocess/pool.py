@@ -19,8 +19,10 @@ file (up to its time limit) holds up one worker, never the pool.
 :meth:`TaskPool.imap_unordered` yields ``(index, result)`` as tasks finish;
 :meth:`TaskPool.map` yields them in task order through :class:`~preprocess.reorder.InOrder`,
 which keeps at most ``buffer`` results in memory and parks those further ahead in files
-under ``spill_dir`` until their turn. Tasks are read from the iterable only as workers
-become free.
+under ``spill_dir`` until their turn, in :mod:`preprocess.spill`'s format: what a task
+returns must be made of what that format stores (:meth:`TaskPool.map` raises
+``TypeError`` on the first result that is not). Tasks are read from the iterable only as
+workers become free.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from musicbert.tokenizer.errors import MidiRejected
+from preprocess import spill
 from preprocess.reorder import InOrder
 
 Result = tuple  # ("ok", payload) | ("rejected", reason, message)
@@ -248,7 +251,7 @@ class TaskPool:
     def map(self, tasks: Iterable[tuple]) -> Iterator[tuple[int, Result]]:
         """Yield ``(index, result)`` for every task, in task order (see :class:`~preprocess.reorder.InOrder`)."""
         finished = self.imap_unordered(tasks)
-        with closing(finished), InOrder(self.buffer, self.spill_dir) as ordered:
+        with closing(finished), InOrder(self.buffer, spill, self.spill_dir) as ordered:
             try:
                 for index, result in finished:
                     ordered.put(index, result)

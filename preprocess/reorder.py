@@ -8,29 +8,41 @@ pool ran on past a slow file) is written to a file of its own in a private tempo
 folder and read back when its turn comes. So memory holds at most ``in_memory`` results
 however long a slow file holds up the order, and the disk holds only what is waiting.
 
-The spill files are pickles that this process writes and reads back within one run, in
-a folder only it uses (``tempfile.mkdtemp``: mode 0700) -- the same bytes that came from
-the worker through ``multiprocessing``'s pipe. They are never read from anywhere else.
+What a spill file holds is up to the :class:`Codec` that ``InOrder`` is given (the pool's
+is :mod:`preprocess.spill`: an explicit format that reading back cannot turn into running
+code -- no pickles). Every value put is encoded, also one kept in memory, so a value the
+codec cannot store fails at once, not only on the run where timing first makes it spill.
+The files live in a folder only this object uses (``tempfile.mkdtemp``: mode 0700) and are
+deleted as they are read and at :meth:`InOrder.close`.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class Codec(Protocol):
+    """How :class:`InOrder` turns a value into a spill file's content and back."""
+
+    def encode(self, value: Any) -> list[bytes]:
+        """The file's content, as chunks; ``TypeError`` for a value it cannot store."""
+
+    def decode(self, data: bytes) -> Any:
+        """The value back from the file's content; ``ValueError`` if ``data`` is not what ``encode`` wrote."""
 
 
 class InOrder:
     """Put ``(index, value)`` for indices 0, 1, 2, ... in any order; :meth:`ready` yields them in order."""
 
-    def __init__(self, in_memory: int, spill_dir: str | Path | None = None) -> None:
+    def __init__(self, in_memory: int, codec: Codec, spill_dir: str | Path | None = None) -> None:
         if in_memory < 1:
             raise ValueError(f"in_memory must be >= 1, got {in_memory}")
         self.in_memory = in_memory
+        self.codec = codec
         self.spill_dir = spill_dir  # where the private spill folder goes (None: the system's temporary folder)
         self.next = 0  # the index ready() hands on next
         self.spilled = 0  # results that went through a file, in all
@@ -50,6 +62,7 @@ class InOrder:
     def put(self, index: int, value: Any) -> None:
         if index < self.next or index in self._held or index in self._on_disk:
             raise ValueError(f"result {index} was already put")
+        chunks = self.codec.encode(value)  # also for a value kept in memory: see the module docstring
         if index < self.next + self.in_memory:
             self._held[index] = value
             return
@@ -57,7 +70,7 @@ class InOrder:
             self._folder = Path(tempfile.mkdtemp(prefix=".spill-", dir=self.spill_dir))
         path = self._path(index)
         with open(path, "wb") as fh:
-            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            fh.writelines(chunks)
         self._on_disk.add(index)
         self.spilled += 1
 
@@ -69,9 +82,12 @@ class InOrder:
                 value = self._held.pop(index)
             elif index in self._on_disk:
                 path = self._path(index)
-                with open(path, "rb") as fh:
-                    value = pickle.load(fh)  # our own file, written by put() in this run
-                os.unlink(path)
+                data = path.read_bytes()
+                path.unlink()
+                try:
+                    value = self.codec.decode(data)
+                except ValueError as exc:
+                    raise ValueError(f"spill file {path} of result {index} is unreadable: {exc}") from exc
                 self._on_disk.discard(index)
             else:
                 return
@@ -94,7 +110,7 @@ class InOrder:
 
     def _path(self, index: int) -> Path:
         assert self._folder is not None
-        return self._folder / f"{index}.pickle"
+        return self._folder / f"{index}.spill"
 
 
-__all__ = ["InOrder"]
+__all__ = ["Codec", "InOrder"]

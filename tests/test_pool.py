@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from preprocess import spill
 from preprocess.pool import TaskPool
 from preprocess.reorder import InOrder
 
@@ -18,7 +19,7 @@ def test_in_order_hands_on_in_index_order_and_holds_at_most_in_memory(tmp_path):
     order = np.random.default_rng(0).permutation(200).tolist()
     got = []
     held_most = 0
-    with InOrder(in_memory=5, spill_dir=tmp_path) as ordered:
+    with InOrder(in_memory=5, codec=spill, spill_dir=tmp_path) as ordered:
         for index in order:
             ordered.put(index, {"index": index, "payload": b"x" * index})
             held_most = max(held_most, ordered.held)
