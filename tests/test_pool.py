@@ -57,7 +57,9 @@ def test_a_slow_task_holds_up_one_worker_not_the_pool(tmp_path):
     with TaskPool(fn, workers=2, timeout=120, buffer=4, spill_dir=spill) as pool:
         results = list(pool.map((i,) for i in range(n)))
     assert results == [(i, ("ok", i * i)) for i in range(n)]
-    assert pool.spilled == n - 4  # 1..3 waited in memory (within 4 of the next one, 0), 4..39 on disk
+    # 1..3 waited in memory (within 4 of the next one, 0), 4..38 on disk, and 39 too unless
+    # task 0 (which polls for the flag task 39 writes) finished before 39's result came back
+    assert pool.spilled in (n - 5, n - 4)
     assert list(spill.iterdir()) == []
 
 
