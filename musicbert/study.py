@@ -35,12 +35,16 @@ What it does, in the folder ``out`` (STUDY)::
 Resume: run the same command again. A run whose final checkpoint (at ``steps``) exists is not
 trained again; an interrupted one resumes from its newest checkpoint (train_ddp.py resumes
 exactly). An evaluation whose folder holds a metrics.json made with the same settings is not
-repeated; evaluation folders are written whole or not at all.
+repeated; evaluation folders are written whole or not at all. A study process that dies
+(``kill -9``) takes its training down with it, checkpointed (Linux; see
+:func:`_terminated_with_study`). With ``--slurm``, a run whose job is still queued or
+running keeps that job rather than getting a second one (:func:`queued_jobs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import inspect
 import json
@@ -54,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,6 +294,44 @@ def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _terminated_with_study() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child (torchrun) receive SIGTERM when the study process
+    dies, however it dies (``kill -9``, the OOM killer); None where that is not available.
+
+    On Linux, ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` in the forked child, before it runs
+    torchrun: the setting survives the exec (torchrun is not set-uid) and torchrun does not
+    change it; torchrun forwards the SIGTERM to its ranks, which checkpoint and stop, so a
+    restarted study resumes instead of meeting a live run holding the run folder's lock.
+    The kernel sends the signal when the *thread* that forked exits, not the process: the
+    study forks from the thread that then waits for torchrun to end, so that thread outlives
+    the child. If the study died between the fork and the prctl, the child exits at once.
+    prctl is resolved here, in the parent: the child only makes the call.
+
+    Elsewhere (macOS, Windows) there is no such call and None is returned: there, ``kill -9``
+    of the study leaves torchrun and its ranks running, and they must be stopped by hand.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        log.warning("prctl not found in the C library: kill -9 of the study will leave torchrun running")
+        return None
+    study_pid = os.getpid()
+    args = [ctypes.c_ulong(a) for a in (signal.SIGTERM, 0, 0, 0)]
+
+    def set_parent_death_signal() -> None:
+        if prctl(_PR_SET_PDEATHSIG, *args) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != study_pid:  # the study is already gone: nobody waits for this run
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
 def train_local(study: StudyConfig, runs: list[Run]) -> None:
     """Train the runs one after the other with torchrun (gloo on CPU, NCCL on GPUs)."""
     if not TRAIN_SCRIPT.is_file():
@@ -309,7 +352,9 @@ def train_local(study: StudyConfig, runs: list[Run]) -> None:
             sink.flush()
             # A session of its own: Ctrl-C reaches the study only, which turns it into the
             # SIGTERM after which train_ddp.py checkpoints (a SIGINT would not checkpoint).
-            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            # If the study dies without passing anything on, the kernel sends that SIGTERM.
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_terminated_with_study())
             try:
                 rc = proc.wait()
             except (Interrupted, KeyboardInterrupt):
@@ -324,6 +369,20 @@ def train_local(study: StudyConfig, runs: list[Run]) -> None:
 
 # ----------------------------------------------------------------------------- training, on SLURM
 
+EVALUATION = "evaluate"  # the evaluation job's name in the study (its runs have their own names)
+# Job states in which a job still holds its place: submitting its run again would start a second training.
+_QUEUED_STATES = "PENDING,CONFIGURING,RUNNING,SUSPENDED,REQUEUED"
+_REUSED = " (already queued, not submitted again)"
+
+
+def _job_name(name: str) -> str:
+    return f"study-{name}"
+
+
+def _job_log(out: Path, name: str, job_id: str = "%j") -> Path:
+    """A job's SLURM log; with the default ``%j``, the pattern its ``--output`` is given."""
+    return out / "slurm" / f"{name}-{job_id}.out"
+
 
 def _sbatch_job_id(stdout: str) -> str:
     job_id = stdout.strip().splitlines()[-1].split(";")[0] if stdout.strip() else ""
@@ -332,46 +391,106 @@ def _sbatch_job_id(stdout: str) -> str:
     return job_id
 
 
-def submit_slurm(study: StudyConfig, runs: list[Run]) -> dict[str, str]:
-    """One launch.sh job per unfinished run, then the evaluation job after all of them
-    (``afterok``); returns ``{run name or "evaluate": job id}`` and prints where things go."""
-    s = study.slurm
-    out = Path(study.out)
-    (out / "slurm").mkdir(parents=True, exist_ok=True)
+def queued_jobs(out: Path, names: list[str]) -> dict[str, str]:
+    """``{name: job id}`` of this study's jobs, among ``names``, that SLURM holds pending or running.
+
+    A job is this study's when it has the name the study gives it (``study-<name>``) and its
+    log in this study's ``slurm/`` folder: another study may have runs of the same names.
+    squeue shows the ``--output`` pattern unexpanded (``%j``), pending or running. Where one
+    run has several jobs (submitted twice before), the earliest is the one that counts.
+    """
+    r = subprocess.run(["squeue", "--me", "--noheader", f"--states={_QUEUED_STATES}",
+                        f"--name={','.join(_job_name(n) for n in names)}", "--Format=JobID:|,Name:|,StdOut:"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise StudyError(f"squeue failed (exit {r.returncode}): {r.stderr.strip()}; nothing submitted, "
+                         "since jobs of this study may be queued already")
+    found: dict[str, list[str]] = {}
+    for line in r.stdout.splitlines():
+        job_id, job_name, output = line.strip().split("|", 2)
+        name = next((n for n in names if _job_name(n) == job_name and output == str(_job_log(out, n))), None)
+        if name is not None:
+            found.setdefault(name, []).append(job_id)
+    for name, ids in found.items():
+        ids.sort(key=int)
+        if len(ids) > 1:
+            log.warning("%s: jobs %s are all queued for it and only one can hold its run folder: scancel %s",
+                        name, ", ".join(ids), " ".join(ids[1:]))
+    return {name: ids[0] for name, ids in found.items()}
+
+
+def _sbatch(what: str, cmd: list[str], env: dict[str, str]) -> str:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise StudyError(f"{what}: {Path(cmd[0]).name} failed (exit {r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    return _sbatch_job_id(r.stdout)
+
+
+def _launch_env(s: SlurmSettings) -> dict[str, str]:
+    """launch.sh's settings, in its environment variables."""
     env = os.environ | {"NODES": str(s.nodes), "GPUS_PER_NODE": str(s.gpus_per_node),
                         "CPUS_PER_TASK": str(s.cpus_per_task), "TIME_LIMIT": s.time}
     env.setdefault("PYTHON", sys.executable)  # the jobs use the python that runs the study
     if s.nproc_per_node:
         env["NPROC_PER_NODE"] = str(s.nproc_per_node)
-    jobs: dict[str, str] = {}
+    return env
+
+
+def _submit_training(study: StudyConfig, run: Run, env: dict[str, str]) -> str:
+    cmd = [str(LAUNCH_SCRIPT), "--parsable", f"--output={_job_log(Path(study.out), run.name)}", *study.slurm.sbatch,
+           str(run.config_file), f"run_dir={run.run_dir}"]
+    return _sbatch(run.name, cmd, env | {"JOB_NAME": _job_name(run.name)})
+
+
+def _submit_evaluation(study: StudyConfig, trainings: list[str], env: dict[str, str]) -> str:
+    """The evaluation job, started once every job of ``trainings`` has succeeded."""
+    s, out = study.slurm, Path(study.out)
+    evaluate_cmd = [env["PYTHON"], "-m", "musicbert.study", "--config", str(out / "study.yaml"), "--evaluate-only"]
+    cmd = ["sbatch", "--parsable", f"--job-name={_job_name(EVALUATION)}", f"--chdir={Path.cwd()}",
+           f"--output={_job_log(out, EVALUATION)}", "--nodes=1", "--ntasks=1",
+           f"--cpus-per-task={s.eval_cpus}", f"--time={s.eval_time}",
+           f"--gres=gpu:{s.eval_gpus}" if s.eval_gpus else "--gres=none", *s.sbatch]
+    if trainings:
+        cmd += [f"--dependency=afterok:{':'.join(trainings)}", "--kill-on-invalid-dep=yes"]
+    return _sbatch("the evaluation job", [*cmd, f"--wrap={shlex.join(evaluate_cmd)}"], env)
+
+
+def submit_slurm(study: StudyConfig, runs: list[Run]) -> dict[str, str]:
+    """One launch.sh job per unfinished run, then the evaluation job after all of them
+    (``afterok``); returns ``{run name or "evaluate": job id}`` and prints where things go.
+
+    Submitting again submits nothing twice: a run (or the evaluation) whose job SLURM still
+    holds, pending or running, keeps that job (:func:`queued_jobs`). An evaluation job still
+    queued is replaced (cancelled, submitted anew) when new training jobs were submitted,
+    since it does not wait for them."""
+    out = Path(study.out)
+    (out / "slurm").mkdir(parents=True, exist_ok=True)
+    env = _launch_env(study.slurm)
+    untrained = []
     for run in runs:
         if is_trained(run, study.steps):
             print(f"{run.name}: already trained ({run.final_checkpoint(study.steps)})")
-            continue
-        cmd = [str(LAUNCH_SCRIPT), "--parsable", f"--output={out / 'slurm' / run.name}-%j.out", *s.sbatch,
-               str(run.config_file), f"run_dir={run.run_dir}"]
-        r = subprocess.run(cmd, env=env | {"JOB_NAME": f"study-{run.name}"}, capture_output=True, text=True)
-        if r.returncode:
-            raise StudyError(f"{run.name}: launch.sh failed (exit {r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
-        jobs[run.name] = _sbatch_job_id(r.stdout)
-        print(f"{run.name}: job {jobs[run.name]} -> {run.run_dir} (log {out / 'slurm' / run.name}-{jobs[run.name]}.out)")
+        else:
+            untrained.append(run)
+    queued = queued_jobs(out, [run.name for run in untrained] + [EVALUATION])
+    jobs: dict[str, str] = {}
+    for run in untrained:
+        jobs[run.name] = queued.get(run.name) or _submit_training(study, run, env)
+        print(f"{run.name}: job {jobs[run.name]}{_REUSED if run.name in queued else ''} -> {run.run_dir} "
+              f"(log {_job_log(out, run.name, jobs[run.name])})")
 
-    evaluate_cmd = [env["PYTHON"], "-m", "musicbert.study", "--config", str(out / "study.yaml"), "--evaluate-only"]
-    cmd = ["sbatch", "--parsable", "--job-name=study-evaluate", f"--chdir={Path.cwd()}",
-           f"--output={out / 'slurm' / 'evaluate'}-%j.out", "--nodes=1", "--ntasks=1",
-           f"--cpus-per-task={s.eval_cpus}", f"--time={s.eval_time}",
-           f"--gres=gpu:{s.eval_gpus}" if s.eval_gpus else "--gres=none", *s.sbatch]
-    if jobs:
-        cmd += [f"--dependency=afterok:{':'.join(jobs.values())}", "--kill-on-invalid-dep=yes"]
-    cmd += [f"--wrap={shlex.join(evaluate_cmd)}"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode:
-        raise StudyError(f"sbatch of the evaluation job failed (exit {r.returncode}): {r.stderr.strip()}")
-    jobs["evaluate"] = _sbatch_job_id(r.stdout)
-    after = f" after jobs {', '.join(j for n, j in jobs.items() if n != 'evaluate')} succeed" if len(jobs) > 1 else ""
-    print(f"evaluation: job {jobs['evaluate']}{after} (log {out / 'slurm'}/evaluate-{jobs['evaluate']}.out)")
+    trainings = list(jobs.values())
+    submitted = [name for name in jobs if name not in queued]
+    if EVALUATION in queued and submitted:
+        stale = queued.pop(EVALUATION)
+        subprocess.run(["scancel", stale], env=env, check=False)
+        print(f"evaluation: queued job {stale} cancelled: it would not wait for the new jobs of {', '.join(submitted)}")
+    jobs[EVALUATION] = queued.get(EVALUATION) or _submit_evaluation(study, trainings, env)
+    after = f" after jobs {', '.join(trainings)} succeed" if trainings else ""
+    print(f"evaluation: job {jobs[EVALUATION]}{_REUSED if EVALUATION in queued else ''}{after} "
+          f"(log {_job_log(out, EVALUATION, jobs[EVALUATION])})")
     print(f"results: {out / 'results.json'}, {out / 'table.md'}, {out / 'figure.png'}")
-    if len(jobs) > 1:
+    if trainings:
         print("A training job that fails cancels the evaluation job; run the study again to resume.")
     return jobs
 

@@ -6,12 +6,17 @@
   best layer, winner, models within each other's spread, a metric the study has never heard
   of with its direction from "better"; the table and the figure (fast).
 - Local: two models with a handful of steps under torchrun (2 ranks, gloo) on the bundled
-  songs; the study is killed (SIGKILL to its whole process tree) once the first model is
-  trained and the second has a checkpoint; started again it does not retrain the first,
-  resumes the second from its checkpoint, evaluates, and writes the three files; a third
-  start repeats nothing (slow, ~2 min).
+  songs; the study process alone is killed (SIGKILL) once the first model is trained and the
+  second has a checkpoint: torchrun and its ranks get SIGTERM from the kernel, checkpoint and
+  end; started again the study does not retrain the first, resumes the second from its
+  checkpoint, evaluates, and writes the three files; a third start repeats nothing (slow,
+  ~2 min).
+- SLURM with stand-ins for sbatch, squeue and scancel (fast): the options of each job; the
+  jobs this study already has queued are kept, not submitted again; squeue failing stops
+  the submission.
 - SLURM (marker ``slurm``): on the local SLURM of scripts/slurm_local.sh (see test_launch.py),
-  four training jobs through launch.sh and an evaluation job that waits for them (afterok).
+  four training jobs through launch.sh and an evaluation job that waits for them (afterok);
+  a study submitted twice has one job per run.
 """
 
 from __future__ import annotations
@@ -194,13 +199,33 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and everything it started, as a crash of the machine would stop them."""
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def started_at(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, from /proc), or None once it has ended.
+
+    A zombie counts as ended: the study's orphans are reparented to a PID 1 that may never
+    reap them. The start time tells a process from a later one that reuses its pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_all(processes: dict[int, str | None]) -> None:
+    """SIGKILL each ``{pid: started_at(pid)}`` still running (cleaning up after a failed test)."""
+    for pid, start in processes.items():
+        if started_at(pid) == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -208,13 +233,14 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_local_study_killed_midway_resumes_without_redoing(tmp_path, example_shards):
+def test_local_study_killed_midway_stops_its_trainings_and_resumes_without_redoing(tmp_path, example_shards):
     config = tiny_study(tmp_path, example_shards, ["BERT", "BERT-neighbor"], steps=40)
     out = tmp_path / "study"
     first, second = out / "runs" / "BERT-seed0", out / "runs" / "BERT-neighbor-seed0"
     log1 = tmp_path / "first-start.log"
     proc = subprocess.Popen([sys.executable, "-m", "musicbert.study", "--config", str(config)], cwd=REPO, env=study_env(),
                             stdout=log1.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    trainers: dict[int, str | None] = {}
     try:
         def midway() -> bool:
             if proc.poll() is not None:
@@ -222,9 +248,20 @@ def test_local_study_killed_midway_resumes_without_redoing(tmp_path, example_sha
             return (first / "checkpoints" / "step_00000040.pt").is_file() and any((second / "checkpoints").glob("step_*.pt"))
 
         _wait(midway, 240, "the first model trained and the second's first checkpoint", lambda: log1.read_text()[-3000:])
-    finally:
-        kill_tree(proc.pid)  # the study, torchrun, its ranks (in sessions of their own) and their data workers
+        trainers = {pid: started_at(pid) for pid in descendants(proc.pid)}
+        commands = [command_line(pid) for pid in trainers]
+        assert sum("torch.distributed.run" in c for c in commands) == 1, commands
+        assert sum("train_ddp.py" in c and "torch.distributed.run" not in c for c in commands) >= 2, commands
+        os.kill(proc.pid, signal.SIGKILL)  # the study alone, as the OOM killer would
         proc.wait()
+        _wait(lambda: all(started_at(pid) != start for pid, start in trainers.items()), 120,
+              "torchrun, its ranks and their workers to end after kill -9 of the study",
+              lambda: "\n".join(f"{pid}: {command_line(pid)}" for pid, start in trainers.items() if started_at(pid) == start))
+    finally:
+        kill_all({proc.pid: started_at(proc.pid), **trainers, **{pid: started_at(pid) for pid in descendants(proc.pid)}})
+        proc.wait()
+    assert "stop signal received; checkpoint written" in (out / "logs" / "BERT-neighbor-seed0.log").read_text(), \
+        "torchrun's ranks did not get the SIGTERM that stops them when the study dies"
     assert not (second / "checkpoints" / "step_00000040.pt").exists(), "the second model finished before the kill: make it longer"
     assert not (out / "results.json").exists()
     before = snapshot(first)
@@ -265,25 +302,41 @@ def test_local_study_killed_midway_resumes_without_redoing(tmp_path, example_sha
 # ----------------------------------------------------------------------------- SLURM
 
 
-def test_slurm_submission_with_a_fake_sbatch(tmp_path, example_shards, monkeypatch, capsys):
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch) -> Path:
+    """sbatch, squeue and scancel stand-ins on PATH. sbatch logs its arguments to calls.log and
+    prints 101, 102, ...; squeue prints squeue.out (nothing if absent) and logs its arguments
+    to squeue.log; scancel logs its arguments to scancel.log. Returns the folder of the logs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {"sbatch": 'printf "%s\\n" "$@" "--END--" >>"$FAKE/calls.log"\n'
+                         'n=$(grep -c -- --END-- "$FAKE/calls.log"); echo "$((100 + n))"',
+               "squeue": 'printf "%s\\n" "$@" >"$FAKE/squeue.log"; cat "$FAKE/squeue.out" 2>/dev/null || true',
+               "scancel": 'printf "%s\\n" "$@" >>"$FAKE/scancel.log"'}
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE", str(tmp_path))
+    return tmp_path
+
+
+def sbatch_calls(fake: Path) -> list[list[str]]:
+    log = fake / "calls.log"
+    return [c.split("\n")[:-1] for c in log.read_text().split("--END--\n") if c] if log.exists() else []
+
+
+def test_slurm_submission_with_a_fake_sbatch(tmp_path, example_shards, fake_sbatch, capsys):
     """Without SLURM: launch.sh per run not yet trained, then the evaluation job after them."""
     from musicbert import study as study_module
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "sbatch"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" "--END--" >>"$FAKE_LOG"\n'
-                    'n=$(grep -c -- --END-- "$FAKE_LOG"); echo "$((100 + n))"\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.log"))
     config = tiny_study(tmp_path, example_shards, list(MODES), steps=4)
     done = tmp_path / "study" / "runs" / "BERT-aug-seed0" / "checkpoints" / "step_00000004.pt"
     done.parent.mkdir(parents=True)
     done.write_bytes(b"")  # BERT-aug counts as trained: no job for it
     assert study_module.main(["--config", str(config), "--slurm", "slurm.gpus_per_node=0", "slurm.sbatch=[--partition=p1]"]) == 0
     printed = capsys.readouterr().out
-    calls = [c.split("\n")[:-1] for c in (tmp_path / "calls.log").read_text().split("--END--\n") if c]
+    calls = sbatch_calls(fake_sbatch)
     assert len(calls) == 4
     for call, model, job in zip(calls, ("BERT", "BERT-neighbor", "BERT-dropout"), (101, 102, 103)):
         run = tmp_path / "study" / "runs" / f"{model}-seed0"
@@ -299,19 +352,94 @@ def test_slurm_submission_with_a_fake_sbatch(tmp_path, example_shards, monkeypat
 
 
 
+def test_slurm_submission_keeps_the_jobs_this_study_has_queued(tmp_path, example_shards, fake_sbatch, capsys):
+    """Without SLURM: a run whose job squeue lists (its name, its log in this study's folder)
+    is not submitted again; a job of the same name from another study does not count; the
+    queued evaluation job, which would not wait for the new jobs, is replaced."""
+    from musicbert import study as study_module
+
+    config = tiny_study(tmp_path, example_shards, list(MODES), steps=4)
+    logs = tmp_path / "study" / "slurm"
+    (fake_sbatch / "squeue.out").write_text(
+        f"207|study-BERT-seed0|{logs}/BERT-seed0-%j.out\n"
+        f"201|study-BERT-seed0|{logs}/BERT-seed0-%j.out\n"  # submitted twice before: the earliest counts
+        f"202|study-BERT-aug-seed0|{tmp_path}/other-study/slurm/BERT-aug-seed0-%j.out\n"
+        f"203|study-BERT-dropout-seed0|{logs}/BERT-dropout-seed0-%j.out\n"
+        f"204|study-evaluate|{logs}/evaluate-%j.out\n")
+    assert study_module.main(["--config", str(config), "--slurm", "slurm.gpus_per_node=0"]) == 0
+    printed = capsys.readouterr().out
+    squeue_args = (fake_sbatch / "squeue.log").read_text().split()
+    assert "--me" in squeue_args and "--states=PENDING,CONFIGURING,RUNNING,SUSPENDED,REQUEUED" in squeue_args
+    assert f"--name={','.join(f'study-{m}-seed0' for m in MODES)},study-evaluate" in squeue_args
+    calls = sbatch_calls(fake_sbatch)
+    assert [c[-1] for c in calls[:2]] == [f"run_dir={tmp_path / 'study' / 'runs' / r}" for r in ("BERT-aug-seed0", "BERT-neighbor-seed0")]
+    assert "BERT-seed0: job 201 (already queued, not submitted again)" in printed
+    assert "BERT-dropout-seed0: job 203 (already queued, not submitted again)" in printed
+    assert "BERT-aug-seed0: job 101 ->" in printed and "BERT-neighbor-seed0: job 102 ->" in printed
+    assert (fake_sbatch / "scancel.log").read_text().split() == ["204"]
+    assert len(calls) == 3 and "--dependency=afterok:201:101:102:203" in calls[2]
+    assert "evaluation: job 103 after jobs 201, 101, 102, 203 succeed" in printed
+
+    # Everything queued: nothing is submitted or cancelled.
+    (fake_sbatch / "squeue.out").write_text("".join(f"{300 + i}|study-{name}|{logs}/{name}-%j.out\n" for i, name in
+                                                   enumerate([f"{m}-seed0" for m in MODES] + ["evaluate"])))
+    assert study_module.main(["--config", str(config), "--slurm", "slurm.gpus_per_node=0"]) == 0
+    printed = capsys.readouterr().out
+    assert len(sbatch_calls(fake_sbatch)) == 3 and (fake_sbatch / "scancel.log").read_text().split() == ["204"]
+    assert printed.count("(already queued, not submitted again)") == 5
+    assert "evaluation: job 304 (already queued, not submitted again) after jobs 300, 301, 302, 303 succeed" in printed
+
+
+def test_slurm_submission_stops_when_squeue_fails(tmp_path, example_shards, fake_sbatch, capsys):
+    from musicbert import study as study_module
+
+    (fake_sbatch / "bin" / "squeue").write_text("#!/usr/bin/env bash\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    config = tiny_study(tmp_path, example_shards, ["BERT"], steps=4)
+    assert study_module.main(["--config", str(config), "--slurm"]) == 2
+    assert "squeue failed (exit 1): slurm_load_jobs error" in capsys.readouterr().err
+    assert sbatch_calls(fake_sbatch) == []
+
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def submit_study(slurm: Slurm, config: Path, *overrides: str) -> tuple[dict[str, str], str]:  # noqa: F811
+    """``python -m musicbert.study --slurm`` with small CPU jobs: ``({run name or "evaluation": job id}, stdout)``."""
+    small = ["slurm.nodes=1", "slurm.gpus_per_node=0", "slurm.nproc_per_node=1", "slurm.cpus_per_task=1",
+             "slurm.time=00:10:00", "slurm.eval_gpus=0", "slurm.eval_cpus=1", "slurm.eval_time=00:10:00"]
+    env = study_env() | slurm.env | {"PYTHONPATH": str(REPO), "RDZV_HOST": "127.0.0.1", "PYTHON": sys.executable}
+    r = subprocess.run([sys.executable, "-m", "musicbert.study", "--config", str(config), "--slurm", *small, *overrides],
+                       cwd=config.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = dict(line.split(": job ")[0:2] for line in r.stdout.splitlines() if ": job " in line)
+    return {name: rest.split()[0] for name, rest in jobs.items()}, r.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_study_submitted_twice_has_one_job_per_run(slurm: Slurm, tmp_path, example_shards):  # noqa: F811
+    config = tiny_study(tmp_path, example_shards, ["BERT", "BERT-neighbor"], steps=4)
+    later = "slurm.sbatch=[--begin=now+1hour]"  # the jobs stay pending: nothing trains
+    jobs, _ = submit_study(slurm, config, later)
+    try:
+        again, printed = submit_study(slurm, config, later)
+        assert again == jobs and printed.count("(already queued, not submitted again)") == 3, printed
+        queue = slurm.run("squeue", "--noheader", "--states=PENDING,RUNNING", "--format=%i %j").stdout.split("\n")
+        names = sorted(line.split()[1] for line in queue if line.strip() and line.split()[0] in jobs.values())
+        assert names == ["study-BERT-neighbor-seed0", "study-BERT-seed0", "study-evaluate"], queue
+        assert len([line for line in queue if line.strip()]) == 3, queue
+        dependency = slurm.job(jobs["evaluation"]).get("Dependency", "")
+        assert f"afterok:{jobs['BERT-seed0']}" in dependency and f"afterok:{jobs['BERT-neighbor-seed0']}" in dependency
+    finally:
+        slurm.run("scancel", *jobs.values(), check=False)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_study_submits_four_trainings_and_an_evaluation_after_them(slurm: Slurm, tmp_path, example_shards):  # noqa: F811
     config = tiny_study(tmp_path, example_shards, list(MODES), steps=4)
-    overrides = ["slurm.nodes=1", "slurm.gpus_per_node=0", "slurm.nproc_per_node=1", "slurm.cpus_per_task=1",
-                 "slurm.time=00:10:00", "slurm.eval_gpus=0", "slurm.eval_cpus=1", "slurm.eval_time=00:10:00"]
-    env = study_env() | slurm.env | {"PYTHONPATH": str(REPO), "RDZV_HOST": "127.0.0.1", "PYTHON": sys.executable}
-    r = subprocess.run([sys.executable, "-m", "musicbert.study", "--config", str(config), "--slurm", *overrides],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    jobs = dict(line.split(": job ")[0:2] for line in r.stdout.splitlines() if ": job " in line)
-    jobs = {name: rest.split()[0] for name, rest in jobs.items()}
-    assert set(jobs) == {f"{m}-seed0" for m in MODES} | {"evaluation"}, r.stdout
+    jobs, printed = submit_study(slurm, config)
+    assert set(jobs) == {f"{m}-seed0" for m in MODES} | {"evaluation"}, printed
     out = tmp_path / "study"
     try:
         dependency = slurm.job(jobs["evaluation"]).get("Dependency", "")
