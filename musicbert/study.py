@@ -35,7 +35,8 @@ What it does, in the folder ``out`` (STUDY)::
 Resume: run the same command again. A run whose final checkpoint (at ``steps``) exists is not
 trained again; an interrupted one resumes from its newest checkpoint (train_ddp.py resumes
 exactly). An evaluation whose folder holds a metrics.json made with the same settings is not
-repeated; evaluation folders are written whole or not at all. A study process that dies
+repeated; evaluation folders are written whole or not at all, and an interrupted evaluation
+resumes from the layers it had finished (its journal, :mod:`musicbert.probes.journal`). A study process that dies
 (``kill -9``) takes its training down with it, checkpointed (Linux; see
 :func:`_terminated_with_study`). With ``--slurm``, a run whose job is still queued or
 running keeps that job rather than getting a second one (:func:`queued_jobs`).
@@ -113,7 +114,7 @@ class EvalSettings:
             raise ConfigError(f"eval.repeats ({self.repeats}) must be >= 1")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"eval.protocol {self.protocol!r} is not one of {list(PROTOCOLS)}")
-        known = set(inspect.signature(evaluate).parameters) - {"checkpoint", "shards", "out"}
+        known = set(inspect.signature(evaluate).parameters) - {"checkpoint", "shards", "out", "journal"}
         taken = {f.name for f in dataclasses.fields(self)} | {"train_bars_per_song", "test_bars_per_song", "random_init", "progress"}
         unknown = sorted(set(self.options) - (known - taken))
         if unknown:
@@ -525,7 +526,10 @@ def evaluate_one(study: StudyConfig, name: str, checkpoint: Path, folder: Path, 
         return json.loads((folder / "metrics.json").read_text())
     log.info("%s: evaluating %s%s", name, checkpoint, " (random-init)" if random_init else "")
     started = time.time()
-    metrics = evaluate(checkpoint, study.shards, out=None, random_init=random_init, **study.eval.evaluate_kwargs())
+    # An interrupted evaluation resumes from its journal (finished layers are not scored again).
+    journal = folder.parent / f".{folder.name}.journal.json"
+    metrics = evaluate(checkpoint, study.shards, out=None, random_init=random_init, journal=journal,
+                       **study.eval.evaluate_kwargs())
     # Written whole or not at all: a temporary folder beside the final one, then renamed.
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
