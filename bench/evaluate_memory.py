@@ -1,7 +1,7 @@
 """Evaluation memory at two corpus sizes 8x apart, and the projection to Lakh MIDI at BERT-base size.
 
     python bench/evaluate_memory.py                    # ~4 min on 2 idle cores
-    python bench/evaluate_memory.py --songs 1200 --factor 8 --batch-tokens 4096 --timing-bars 10000
+    python bench/evaluate_memory.py --songs 1200 --factor 8 --batch-tokens 4096 --timing-bars 40000 160000
 
 1. **Memory.** Writes two synthetic shard folders (``tests/synthetic_shards.py``; train
    ``--songs`` and ``--songs x --factor`` songs, test an eighth of that, as Lakh's 80/10/10
@@ -13,13 +13,17 @@
    is small so that the batch's activations (a fixed working set) are full at both sizes.
    The growth between the two sizes is compared with one layer's training features at the
    large size, ``F = n_train x 768 x 4`` bytes.
-2. **Probe time.** ``score_layer`` on random 768-dim features of ``--timing-bars`` training
-   bars with k = 1000 clusters (as on Lakh), CPU seconds per layer; extrapolated linearly
-   in the number of training bars (ridge fits and mini-batch k-means epochs are linear in it).
+2. **Probe time.** ``score_layer`` on random 768-dim features of each of the two
+   ``--timing-bars`` sizes of training bars with k = 1000 clusters (as on Lakh), CPU
+   seconds per layer, after the memory runs (not beside them). It is not proportional to
+   the bars: mini-batch k-means, most of it, runs a number of mini-batch steps that does
+   not grow with them, and its k-means++ start uses a fixed-size sample. So it is
+   extrapolated along the line through the two measurements.
 3. **Projection** for Lakh at BERT-base size (12 layers, 5 repeats, k = 1000, ~110,000
    songs: 440k training + 110k test bars per repeat): peak RSS = the small run's peak +
    the measured growth per training bar x the training bars added (the per-bar growth holds
-   at any layer count: layers wait on disk); GPU time = forward FLOPs per bar (dense
+   at any layer count: layers wait on disk); probe time = 12 layers x 5 repeats x the probe
+   time per layer on the line through the two timings at Lakh's training bars; GPU time = forward FLOPs per bar (dense
    ``2 x tokens x layers x (4 d^2 + 2 d ff)`` plus attention ``4 x layers x d x tokens^2``)
    x bars / an assumed sustained bf16 throughput (``--gpu-tflops``), plus the probe time.
 
@@ -164,7 +168,8 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4096,
                     help="tokens per forward (default 4096: the batch's activations, a fixed working set, are full at both sizes)")
     ap.add_argument("--clusters", type=int, default=50, help="k of the memory runs (default 50; k-means memory does not depend on k)")
-    ap.add_argument("--timing-bars", type=int, default=10_000, help="training bars of the probe timing (default 10000: k = 1000 uncapped)")
+    ap.add_argument("--timing-bars", type=int, nargs=2, default=[40_000, 160_000],
+                    help="training bars of the two probe timings (default 40000 160000; k = 1000 uncapped)")
     ap.add_argument("--tokens-per-bar", type=float, default=234.0,
                     help="mean tokens per bar on Lakh for the FLOP estimate (default 234, the bundled songs' train split)")
     ap.add_argument("--gpu-tflops", type=float, default=200.0,
@@ -187,8 +192,8 @@ def main() -> None:
         for name, songs in sizes.items():  # both at once, each in its own process
             shards = make_shards(tmp / name, {"train": [songs], "val": [songs // 8], "test": [songs // 8]}, seed=1)
             running[name] = start_evaluation(tmp / "run", shards, args)
-        probe_s = probe_seconds_per_layer(args.timing_bars, BASE["dim"])
         runs = {name: finish_evaluation(proc) for name, proc in running.items()}
+    timed = {n: probe_seconds_per_layer(n, BASE["dim"]) for n in args.timing_bars}  # alone, after the memory runs
     for name, r in runs.items():
         log(f"{name}: {sizes[name]} train / {sizes[name] // 8} test songs, {r['train_bars']} + {r['test_bars']} bars per repeat, "
             f"{r['layers']} layers x {args.repeats} repeats: peak RSS {r['peak_mib']:.0f} MiB "
@@ -204,20 +209,24 @@ def main() -> None:
         f"one layer's training features at the large size: F = {n_large} x 768 x 4 B = {one_layer:.0f} MiB "
         f"(growth = {growth / one_layer:.2f} F)")
 
-    log(f"probes: {probe_s:.1f} CPU s per layer at {args.timing_bars} training bars, 768 dims, k = 1000")
+    (n1, t1), (n2, t2) = sorted(timed.items())
+    per_bar = (t2 - t1) / (n2 - n1)
+    probe_s = t2 + per_bar * (LAKH["train_bars"] - n2)  # one layer at Lakh's training bars
+    log(f"probes: {t1:.1f} CPU s per layer at {n1} training bars, {t2:.1f} s at {n2} (768 dims, k = 1000)")
 
     lakh_peak = (small["peak_mib"] * MIB + per_train_bar * (LAKH["train_bars"] - n_small)) / (1 << 30)
     bars = LAKH["train_bars"] + LAKH["test_bars"]
     flops_bar = forward_flops_per_bar(args.tokens_per_bar, BASE["dim"], BASE["n_layers"], BASE["ff_dim"])
     gpu_s = LAKH["repeats"] * bars * flops_bar / (args.gpu_tflops * 1e12)
-    probe_lakh_s = LAKH["repeats"] * BASE["n_layers"] * probe_s * LAKH["train_bars"] / args.timing_bars
+    probe_lakh_s = LAKH["repeats"] * BASE["n_layers"] * probe_s
     disk_gb = bars * BASE["n_layers"] * BASE["dim"] * 4 / 1e9
     log(f"Lakh, BERT-base (12 layers, 5 repeats, k = 1000, {LAKH['train_bars']} + {LAKH['test_bars']} bars per repeat):")
     log(f"  peak RSS = {small['peak_mib']:.0f} MiB + {per_train_bar:.0f} B x {LAKH['train_bars'] - n_small} = {lakh_peak:.2f} GiB"
         f"  (temporary feature file: {disk_gb:.1f} GB of disk per repeat)")
     log(f"  features: {flops_bar / 1e9:.1f} GFLOP per bar ({args.tokens_per_bar:.0f} tokens) x {bars} bars x 5 repeats "
         f"/ {args.gpu_tflops:.0f} TFLOP/s = {gpu_s / 60:.1f} min on one GPU")
-    log(f"  probes: {probe_s:.1f} s x {LAKH['train_bars']} / {args.timing_bars} x 12 layers x 5 repeats = {probe_lakh_s / 3600:.1f} h "
+    log(f"  probes: ({t2:.1f} s + {per_bar * 1e3:.3f} ms x ({LAKH['train_bars']} - {n2})) = {probe_s:.0f} s a layer "
+        f"x 12 layers x 5 repeats = {probe_lakh_s / 3600:.1f} h "
         f"of CPU time"
         f" ({probe_lakh_s / 3600 / 16:.1f} h on the 16 cores of a one-GPU node, if BLAS and k-means scale)")
     log(f"RESULT peak_small_mib={small['peak_mib']:.0f} peak_large_mib={large['peak_mib']:.0f} growth_mib={growth:.0f} "

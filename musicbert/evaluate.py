@@ -47,10 +47,11 @@ temporary file in ``--work-dir`` (default: a folder inside ``--out``, removed at
 Lakh MIDI at BERT-base size, 550k bars x 12 layers x 768: 20 GB of disk). In RAM are one
 repeat's sampled bars and labels (about 0.5 kB a bar) and, while a layer is probed, that
 layer's training features (n_train x dim x 4 bytes; Lakh: 1.35 GB) with the probe's working
-set; BENCHMARKS.md ("Evaluation memory") measures it and projects 2.1 GiB for Lakh.
+set; BENCHMARKS.md ("Evaluation memory") measures it and projects 1.5-2.1 GiB for Lakh.
 Feature extraction runs under bf16 autocast on a GPU (``--precision auto``, the default;
-fp32 on CPU) with batches sized to the free GPU memory (``--batch-tokens``); on Lakh the
-probe fitting on CPU, not the GPU, takes most of the time.
+fp32 on CPU) with batches sized to the free GPU memory (``--batch-tokens``). On Lakh at
+BERT-base size, features take about 10 minutes on one GPU (an estimate) and the probes
+about 1.5 CPU-core hours.
 """
 
 from __future__ import annotations

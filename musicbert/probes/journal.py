@@ -1,8 +1,8 @@
 """What an evaluation has finished, on disk, so that an interrupted one resumes.
 
 Probing the Lakh MIDI Dataset at BERT-base size fits 12 layers x 5 repeats of probes,
-about 34 CPU-core hours (BENCHMARKS.md): a preempted or crashed evaluation must not start
-again from nothing. :class:`ScoreJournal` records each layer's scores of each repeat as
+about 1.5 CPU-core hours after about 10 GPU-minutes of features (BENCHMARKS.md): a
+preempted or crashed evaluation should not start again from nothing. :class:`ScoreJournal` records each layer's scores of each repeat as
 soon as they are known, in one JSON file rewritten atomically (temporary file, then
 rename), under a *key*: every setting that decides the scores. A journal whose key differs
 (another checkpoint step, other settings) is ignored and replaced.
