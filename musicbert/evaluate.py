@@ -71,19 +71,20 @@ import numpy as np
 import torch
 
 from musicbert.api import ModelLoadError, load_model
-from musicbert.custom_labels import load_label_tables
+from musicbert.custom_labels import LabelTable, load_label_tables
 from musicbert.inference import CPU_BATCH_TOKENS, PRECISIONS, InferenceError, resolve_device, resolve_precision
 from musicbert.probes import (
     DEFAULT_CLUSTERS,
     HIGHER_IS_BETTER,
+    METRICS,
     PROTOCOLS,
     TEST_BARS_PER_SONG,
     TRAIN_BARS_PER_SONG,
     ProbeError,
     probe_model,
 )
-from musicbert.report import compare, markdown_report, markdown_table, plot_layers, read_metrics
 from musicbert.probes.journal import ScoreJournal
+from musicbert.report import compare, markdown_report, markdown_table, plot_layers, read_metrics
 from musicbert.shards import MANIFEST, ShardFormatError
 
 JOURNAL = ".evaluate-journal.json"  # in --out while an evaluation is under way (see musicbert.probes.journal)
@@ -146,13 +147,9 @@ def evaluate(
         Path(work_root).mkdir(parents=True, exist_ok=True)
     if journal is None and out is not None:
         journal = Path(out) / JOURNAL
-    scores_journal = None
-    if journal is not None:  # keyed by all that decides the scores; repeats and layers may grow
-        key = {"checkpoint": checkpoint_identity(info), "shards": shards_identity(shards), "random_init": random_init,
-               "seed": seed, "protocol": protocol, "clusters": clusters, "max_songs": max_songs,
-               "bars_per_song": [train_bars_per_song, test_bars_per_song], "device": dev.type, "precision": precision,
-               "labels": [[t.name, file_sha256(t.file)] for t in tables]}
-        scores_journal = ScoreJournal(journal, key)
+    scores_journal = None if journal is None else open_journal(
+        journal, info, shards, tables, dev, random_init=random_init, seed=seed, protocol=protocol, clusters=clusters,
+        max_songs=max_songs, bars_per_song=[train_bars_per_song, test_bars_per_song], precision=precision)
     with tempfile.TemporaryDirectory(prefix="evaluate-features-", dir=work_root) as features_dir:
         result = probe_model(
             model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
@@ -201,6 +198,20 @@ def evaluate(
     if scores_journal is not None:
         scores_journal.remove()
     return metrics
+
+
+def open_journal(
+    path: str | Path, info: dict, shards: str | Path, tables: Sequence[LabelTable], dev: torch.device, **settings
+) -> ScoreJournal:
+    """The journal at ``path``, keyed by all that decides the scores: the checkpoint and shard
+    files, the device type, the label files, the metrics, scikit-learn's version and
+    ``settings``. The repeats and layers are not in the key: more of either reuse what is recorded."""
+    import sklearn
+
+    key = {"checkpoint": checkpoint_identity(info), "shards": shards_identity(shards), "device": dev.type,
+           "labels": [[t.name, file_sha256(t.file)] for t in tables], "metrics": list(METRICS),
+           "sklearn": sklearn.__version__, **settings}
+    return ScoreJournal(path, key)
 
 
 def file_sha256(path: str | Path) -> str:
