@@ -43,8 +43,9 @@ matched the shards and what did not is under ``"labels": {NAME: {...}}``.
 
 Cost: memory is bounded by one layer, not by the whole feature set. Per repeat the
 features of all chosen layers, (train + test bars) x layers x dim x 4 bytes, go to a
-temporary file in ``--work-dir`` (default: a folder inside ``--out``, removed at the end;
-Lakh MIDI at BERT-base size, 550k bars x 12 layers x 768: 20 GB of disk). In RAM are one
+temporary file in ``--work-dir`` (default: ``--out``; a file without a name, whose space
+the system frees when the process ends, even by ``kill -9``; Lakh MIDI at BERT-base size,
+550k bars x 12 layers x 768: 20 GB of disk). In RAM are one
 repeat's sampled bars and labels (about 0.5 kB a bar) and, while a layer is probed, that
 layer's training features (n_train x dim x 4 bytes; Lakh: 1.35 GB) with the probe's working
 set; BENCHMARKS.md ("Evaluation memory") measures it and projects 1.5-2.1 GiB for Lakh.
@@ -59,10 +60,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,8 +128,8 @@ def evaluate(
 ) -> dict:
     """Run the evaluation and return the ``metrics.json`` dict; with ``out``, write the three files.
 
-    The features go to a temporary folder inside ``work_dir`` (default: ``out``, else the
-    system's temporary folder), removed at the end. ``labels``: ``[NAME=]FILE.csv`` specs of
+    The features go to a temporary file in ``work_dir`` (default: ``out``, else the
+    system's temporary folder), deleted at the end. ``labels``: ``[NAME=]FILE.csv`` specs of
     annotated labels (:mod:`musicbert.custom_labels`). ``journal``: the file that records
     finished layers so that a rerun after an interruption resumes (default: ``OUT/``
     :data:`JOURNAL` with ``out``, none without); removed once the results are complete.
@@ -150,13 +151,12 @@ def evaluate(
     scores_journal = None if journal is None else open_journal(
         journal, info, shards, tables, dev, random_init=random_init, seed=seed, protocol=protocol, clusters=clusters,
         max_songs=max_songs, bars_per_song=[train_bars_per_song, test_bars_per_song], precision=precision)
-    with tempfile.TemporaryDirectory(prefix="evaluate-features-", dir=work_root) as features_dir:
-        result = probe_model(
-            model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
-            max_songs=max_songs, batch_tokens=batch_tokens, precision=precision, progress=progress,
-            train_per_song=train_bars_per_song, test_per_song=test_bars_per_song, work_dir=features_dir,
-            labels=tables, journal=scores_journal,
-        )
+    result = probe_model(
+        model, shards, layers, repeats=repeats, protocol=protocol, clusters=clusters, seed=seed, device=dev,
+        max_songs=max_songs, batch_tokens=batch_tokens, precision=precision, progress=progress,
+        train_per_song=train_bars_per_song, test_per_song=test_bars_per_song, work_dir=work_root,
+        labels=tables, journal=scores_journal,
+    )
     import sklearn
 
     higher = {**HIGHER_IS_BETTER, **{t.name: t.higher_is_better for t in tables}}
@@ -280,6 +280,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[evaluate] %(message)s")  # e.g. resuming from the journal
     if args.threads:
         torch.set_num_threads(args.threads)
 

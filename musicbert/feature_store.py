@@ -76,6 +76,8 @@ def as_rows(x: np.ndarray | FeatureRows) -> FeatureRows:
 class FeatureStore:
     """``float32 [n_layers, n_bars, dim]`` in a temporary file under ``folder`` (the system's
     temporary folder when None), deleted on :meth:`close` or at the end of a ``with`` block.
+    On Linux the file never has a name (``tempfile.TemporaryFile``): the system frees its
+    space when the process ends, however it ends, so a killed evaluation leaves nothing.
 
     :meth:`write` stores the features of some bars (any bars, any order, each once);
     :meth:`read` / :meth:`layer` give them back by bar number.
