@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from eval_helpers import tiny_checkpoint
@@ -157,3 +158,20 @@ def test_a_journal_of_other_settings_is_not_used(run_dir, example_shards, tmp_pa
     scored = count_calls(monkeypatch, runner, "score_layer")
     evaluate.evaluate(run_dir, example_shards, out, repeats=2, device="cpu", seed=4)
     assert len(scored) == 4, "another seed draws other bars: every layer of every repeat is scored"
+
+
+def test_the_journal_and_the_leftovers_of_cut_writes_are_removed_at_the_end(tmp_path):
+    from musicbert.probes.journal import SampleSizes, ScoreJournal
+    from musicbert.probes.scoring import LayerScores
+
+    journal = ScoreJournal(tmp_path / "j.json", {"seed": 1})
+    journal.record(0, SampleSizes(2, 1, 10, 5), 1, LayerScores({"tempo": float("nan")}, ["a note"], 2))
+    (tmp_path / ".j.json.abc123").write_text("{")  # a write that kill -9 cut short
+    (tmp_path / "other.json").write_text("{}")
+    again = ScoreJournal(tmp_path / "j.json", {"seed": 1})
+    scores = again.scores(0)[1]
+    assert np.isnan(scores.values["tempo"]) and scores.notes == ["a note"] and scores.clusters == 2
+    assert again.sizes(0) == SampleSizes(2, 1, 10, 5)
+    assert ScoreJournal(tmp_path / "j.json", {"seed": 2}).scores(0) == {}, "another key: nothing reused"
+    again.remove()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]

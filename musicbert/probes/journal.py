@@ -83,7 +83,14 @@ class ScoreJournal:
         self._write()
 
     def remove(self) -> None:
+        """Delete the journal, and the temporary files of writes that a kill cut short."""
         self.path.unlink(missing_ok=True)
+        for leftover in self.path.parent.glob(f"{self._temporary_prefix}*"):
+            leftover.unlink(missing_ok=True)
+
+    @property
+    def _temporary_prefix(self) -> str:
+        return f".{self.path.name}."
 
     def _write(self) -> None:
         data = {
@@ -98,7 +105,7 @@ class ScoreJournal:
             },
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=self._temporary_prefix, dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(data, fh, allow_nan=False)
