@@ -75,6 +75,7 @@ from musicbert.monitor import peak_flops as device_peak_flops
 from musicbert.objectives import PretrainingLoss
 from musicbert.vocab import VOCAB
 
+PHASES = ("data", "correctness", "speed", "resume")
 LAYOUTS = ("bars", "rows", "varlen")
 #: fp32 and bf16 tolerances of phase 1 (relative error norms; see the module docstring).
 TOLERANCE = {"fp32": {"values": 1e-4, "grads": 1e-4}, "bf16": {"values": 3e-2, "grads": 5e-2}}
@@ -173,6 +174,7 @@ def compare(got: tuple[dict, dict], ref: tuple[dict, dict]) -> dict:
 
 
 def check_layouts(deadline: float, plan: Plan, device: torch.device, batch: Batch) -> dict:
+    batch = batch.to(device)  # here, not before the phase: a failing first CUDA call is then this phase's error
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = ModelConfig(vocab_size=len(VOCAB), max_len=512, dropout=0.0, **{**train_bench.SIZES[plan.size], "n_layers": 2})
@@ -446,11 +448,22 @@ def compare_runs(ref_dir: Path, resumed_dir: Path, logs: dict[str, Path], steps:
 
 
 def check_resume(deadline: float, plan: Plan, device: torch.device, shards: str, work: Path, attention: str) -> dict:
+    """Per precision: reference, interrupted and resumed runs. A precision that fails or runs out of
+    time is recorded and the others go on (an fp16 failure must not hide the bf16 result)."""
     precisions = ("bf16", "fp16") if device.type == "cuda" else ("bf16",)
     config = resume_config(plan, shards, work)
     stop_after = max(1, plan.resume_steps // 3)
     jobs: dict[str, dict] = {}
+    results: dict[str, dict] = {}
     launches: list[Launch] = []
+
+    def fail(prec: str, error: str) -> None:
+        for launch in (jobs[prec].get(k) for k in ("ref", "cut", "res")):  # free the device for the others
+            if launch is not None and launch.proc.poll() is None:
+                launch.kill()
+        results[prec] = {"ok": False, "error": error, "logs": {k: str(v) for k, v in jobs[prec]["logs"].items()}}
+        print(f"  {prec}: FAILED {error}", flush=True)
+
     try:
         for prec in precisions:  # every run at once: they share the device, and time is short
             base = work / f"resume-{prec}"
@@ -467,34 +480,44 @@ def check_resume(deadline: float, plan: Plan, device: torch.device, shards: str,
             for prec in sorted(waiting):
                 job = jobs[prec]
                 if job["cut"].proc.poll() is not None:
-                    raise RuntimeError(f"{prec}: the run to interrupt ended first (exit {job['cut'].proc.returncode}); see {job['logs']['interrupted']}")
+                    fail(prec, f"the run to interrupt ended first (exit {job['cut'].proc.returncode}); see {job['logs']['interrupted']}")
+                    waiting.discard(prec)
+                    continue
                 worker = job["cut"].worker()
                 if worker and len(logged_losses(job["base"] / "interrupted")) >= stop_after:
                     os.kill(worker, signal.SIGTERM)
                     waiting.discard(prec)
-            if left(deadline) <= 0:
-                raise PhaseTimeout(f"runs {sorted(waiting)} did not reach step {stop_after} in the time budget")
+            if waiting and left(deadline) <= 0:
+                for prec in sorted(waiting):
+                    fail(prec, f"did not reach step {stop_after} in the time budget")
+                break
             time.sleep(0.02)
-        exits = {}
-        for prec in precisions:
-            exits[prec] = {"reference": jobs[prec]["ref"].wait(deadline), "interrupted": jobs[prec]["cut"].wait(deadline)}
+        exits: dict[str, dict] = {}
+        for prec in [p for p in precisions if p not in results]:
+            try:
+                exits[prec] = {"reference": jobs[prec]["ref"].wait(deadline), "interrupted": jobs[prec]["cut"].wait(deadline)}
+            except PhaseTimeout as exc:
+                fail(prec, str(exc))
+                continue
             jobs[prec]["res"] = Launch(config, jobs[prec]["base"] / "interrupted", jobs[prec]["overrides"], jobs[prec]["logs"]["resumed"], plan.dry_run)
             launches.append(jobs[prec]["res"])
-        results = {}
-        for prec in precisions:
-            exits[prec]["resumed"] = jobs[prec]["res"].wait(deadline)
+        for prec in exits:
+            try:
+                exits[prec]["resumed"] = jobs[prec]["res"].wait(deadline)
+            except PhaseTimeout as exc:
+                fail(prec, str(exc))
+                continue
             if any(exits[prec].values()):
-                results[prec] = {"ok": False, "error": f"exit codes {exits[prec]}", "logs": {k: str(v) for k, v in jobs[prec]["logs"].items()}}
-            else:
-                results[prec] = compare_runs(jobs[prec]["base"] / "reference", jobs[prec]["base"] / "interrupted",
+                fail(prec, f"exit codes {exits[prec]}")
+                continue
+            results[prec] = r = compare_runs(jobs[prec]["base"] / "reference", jobs[prec]["base"] / "interrupted",
                                              jobs[prec]["logs"], plan.resume_steps)  # fmt: skip
-            r = results[prec]
             print(f"  {prec}: " + (f"resumed at step {r['resumed_at_step']}, losses after resume "
                                    f"{'identical' if r['exact'] else 'max rel diff %.2e' % r['max_rel_diff']}; loss "
                                    f"{r['loss_first_quarter']:.3f} -> {r['loss_last_quarter']:.3f}; backend {r['backend']}"
                                    if "exact" in r else f"FAILED {r.get('error')}"), flush=True)  # fmt: skip
-        return {"ok": all(r["ok"] for r in results.values()), "config": str(config), "attention": attention, "stop_after": stop_after,
-                "max_rel_diff_allowed": RESUME_MAX_REL_DIFF, "runs": results}  # fmt: skip
+        return {"ok": all(results[p]["ok"] for p in precisions), "config": str(config), "attention": attention, "stop_after": stop_after,
+                "max_rel_diff_allowed": RESUME_MAX_REL_DIFF, "runs": {p: results[p] for p in precisions}}  # fmt: skip
     finally:
         for launch in launches:
             if launch.proc.poll() is None:
@@ -518,7 +541,7 @@ def result_line(report: dict) -> str:
     variants = speed.get("variants", {})
     best = variants.get(speed.get("best") or "", {})
     fields = {
-        "ok": int(all(ph.get("ok") for ph in p.values())),
+        "ok": int(set(p) == set(PHASES) and all(ph.get("ok") for ph in p.values())),  # 0 in a report written mid-run
         "device": report["device"].replace(" ", "_"),
         "correctness": "pass" if p.get("correctness", {}).get("ok") else "FAIL",
         "best_layout": speed.get("best"),
@@ -561,28 +584,35 @@ def main(argv: list[str] | None = None) -> int:
               "device": name, "torch": torch.__version__, "dry_run": plan.dry_run, "plan": plan.__dict__,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "phases": {}}  # fmt: skip
     phases = report["phases"]
+
+    def record(name: str, budget_s: float, fn, *fn_args) -> None:
+        """Run a phase and write the report so far: a run killed from outside keeps the phases it finished."""
+        phases[name] = run_phase(name, budget_s, fn, *fn_args)
+        write_report(report, out, t0)
+
     data: dict = {}
-    phases["data"] = run_phase("data", plan.budgets["data"], load_data, plan, args.shards, data)
+    record("data", plan.budgets["data"], load_data, plan, args.shards, data)
     if "batches" in data:
-        batch = data["batches"][0].to(device)
-        phases["correctness"] = run_phase("correctness", plan.budgets["correctness"], check_layouts, plan, device, batch)
-        phases["speed"] = run_phase("speed", plan.budgets["speed"], measure_speed, plan, device, data["batches"],
-                                    cuda and not args.no_compile)  # fmt: skip
+        record("correctness", plan.budgets["correctness"], check_layouts, plan, device, data["batches"][0])
+        record("speed", plan.budgets["speed"], measure_speed, plan, device, data["batches"], cuda and not args.no_compile)
         # The runs use the default layout (varlen on GPU) unless it failed its check: then bars, so that
         # a varlen bug does not hide whether nccl, bf16, fp16 and resume work.
         varlen_failed = any(c["layout"] == "varlen" and c.get("ok") is False for c in phases["correctness"].get("checks", []))
         attention = "bars" if varlen_failed else "auto"
-        phases["resume"] = run_phase("resume", plan.budgets["resume"], check_resume, plan, device, data["shards"], work, attention)
+        record("resume", plan.budgets["resume"], check_resume, plan, device, data["shards"], work, attention)
+    print(f"wrote {out}", flush=True)
+    print(report["result"], flush=True)
+    return 0 if all(ph.get("ok") for ph in phases.values()) else 1
+
+
+def write_report(report: dict, out: Path, t0: float) -> None:
+    """Bring ``seconds`` and the RESULT line up to date and write the JSON file atomically."""
     report["seconds"] = time.perf_counter() - t0
-    line = result_line(report)
-    report["result"] = line
+    report["result"] = result_line(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
     os.replace(tmp, out)
-    print(f"wrote {out}", flush=True)
-    print(line, flush=True)
-    return 0 if all(ph.get("ok") for ph in phases.values()) else 1
 
 
 if __name__ == "__main__":
