@@ -187,7 +187,8 @@ def autocast_settings(precision: str, device: torch.device) -> tuple[str, torch.
         if device.type != "cuda":
             precision = "fp32"
         else:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # including_emulation=False: pre-Ampere GPUs (V100, T4) only emulate bf16, slowly; they get fp16.
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision fp16 needs a GPU (use fp32 or bf16 on CPU)")
     return precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision], precision == "fp16"

@@ -74,7 +74,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise InferenceError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # not V100/T4's emulation
+    return "bf16" if native else "fp32"
 
 
 def auto_batch_tokens(model: torch.nn.Module, device: torch.device, precision: str) -> int:

@@ -333,6 +333,13 @@ def test_precision_auto_is_fp32_on_cpu():
         resolve_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_on_cuda_needs_native_bf16(monkeypatch, native):
+    """torch.cuda.is_bf16_supported() is also True on GPUs that only emulate bf16 (V100, T4): auto must not pick it there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert resolve_precision("auto", torch.device("cuda")) == ("bf16" if native else "fp32")
+
+
 def test_features_written_to_a_store_equal_those_in_memory(example_shards, tmp_path):
     model = tiny_model(0)
     (sample,) = sample_split(example_shards, "test", 4)

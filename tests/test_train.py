@@ -334,6 +334,19 @@ def test_stop_signals_only_set_a_flag(monkeypatch):
         train_ddp.stop_signals.received = None
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_precision_auto_on_cuda(monkeypatch, native_bf16):
+    """bf16 where the GPU has it, else fp16 + GradScaler (not the bf16 emulation of a V100/T4)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import torch
+    import train_ddp
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+    expected = ("bf16", torch.bfloat16, False) if native_bf16 else ("fp16", torch.float16, True)
+    assert train_ddp.autocast_settings("auto", torch.device("cuda", 0)) == expected
+    assert train_ddp.autocast_settings("auto", torch.device("cpu")) == ("fp32", None, False)
+
+
 def test_nonfinite_losses_are_skipped_then_stop(shards, tmp_path):
     config = tiny_config(tmp_path, shards, mode="BERT-neighbor")
     run_dir = tmp_path / "run"
