@@ -39,6 +39,11 @@ def setup(timeout_s: float = 1800.0) -> DistInfo:
         world_size = int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if use_cuda:
+            if local_rank >= torch.cuda.device_count():  # else set_device says only "invalid device ordinal"
+                raise RuntimeError(
+                    f"LOCAL_RANK {local_rank}, but this node has {torch.cuda.device_count()} visible CUDA device(s): start "
+                    "one process per GPU (torchrun --nproc_per_node, launch.sh's NPROC_PER_NODE)"
+                )
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
             dist.init_process_group(backend, timeout=timeout, device_id=device)

@@ -347,6 +347,23 @@ def test_precision_auto_on_cuda(monkeypatch, native_bf16):
     assert train_ddp.autocast_settings("auto", torch.device("cpu")) == ("fp32", None, False)
 
 
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from musicbert import distributed as dist_utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _: pytest.fail("set_device on a GPU that is not there"))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 1, but this node has 1 visible CUDA device\(s\).*--nproc_per_node"):
+        dist_utils.setup()
+    assert not dist.is_initialized()
+
+
 def test_nonfinite_losses_are_skipped_then_stop(shards, tmp_path):
     config = tiny_config(tmp_path, shards, mode="BERT-neighbor")
     run_dir = tmp_path / "run"
