@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import musicbert.attention as attention_mod
 import musicbert.model as model_mod
-from musicbert.attention import PAD_RUN, apply_rotary, plan_varlen, rotary_cos_sin
+from musicbert.attention import PAD_RUN, apply_rotary, plan_varlen, rotary_cos_sin, varlen_usable
 from musicbert.batch import Batch
 from musicbert.config import ConfigError, ModelConfig, config_from_dict
 from musicbert.contrastive import nt_xent
@@ -191,6 +191,18 @@ def test_varlen_layout_wiring_matches_rows(monkeypatch):
     torch.testing.assert_close(outs[0].bar_states, outs[1].bar_states, rtol=0, atol=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "usable"),
+    [((9, 0), torch.bfloat16, True), ((8, 0), torch.float16, True), ((9, 0), torch.float32, False), ((7, 5), torch.float16, False)],
+)
+def test_varlen_runs_on_sm80_and_newer_in_half_precision(monkeypatch, capability, dtype, usable):
+    """The flash kernel's conditions, with a pretend GPU (H200/H100: sm90, A100: sm80, T4: sm75)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    assert varlen_usable(torch.device("cuda", 0), dtype) is usable
+    assert varlen_usable(torch.device("cpu"), dtype) is False
 
 
 def test_auto_layout_is_bars_on_cpu_and_varlen_is_refused_there():
