@@ -361,11 +361,19 @@ def resume_config(plan: Plan, shards: str, work: Path) -> Path:
 
 
 def _descendants(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            for kid in map(int, (task / "children").read_text().split()):
-                out += [kid, *_descendants(kid)]
+    """Every process below ``pid``, each before its children, from the parent ids in ``/proc/*/stat``
+    (``/proc/PID/task/TID/children`` needs a kernel option that a VM's kernel may lack)."""
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            ppid = int(text[text.rindex(")") + 2 :].split()[1])  # "pid (comm) state ppid ..."
+            kids.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], sorted(kids.get(pid, []), reverse=True)
+    while todo:
+        kid = todo.pop()
+        out.append(kid)
+        todo += sorted(kids.get(kid, []), reverse=True)
     return out
 
 
@@ -483,8 +491,8 @@ def check_resume(deadline: float, plan: Plan, device: torch.device, shards: str,
                     fail(prec, f"the run to interrupt ended first (exit {job['cut'].proc.returncode}); see {job['logs']['interrupted']}")
                     waiting.discard(prec)
                     continue
-                worker = job["cut"].worker()
-                if worker and len(logged_losses(job["base"] / "interrupted")) >= stop_after:
+                worker = job["cut"].worker() if len(logged_losses(job["base"] / "interrupted")) >= stop_after else None
+                if worker:
                     os.kill(worker, signal.SIGTERM)
                     waiting.discard(prec)
             if waiting and left(deadline) <= 0:

@@ -65,6 +65,21 @@ def test_report_is_written_after_each_phase(gpu, monkeypatch, tmp_path, capsys):
     assert "[speed] FAILED: RuntimeError: no kernel image" in capsys.readouterr().out
 
 
+def test_descendants_from_parent_ids(gpu):
+    """The resume phase finds train_ddp.py under torchrun this way (and kills the whole tree)."""
+    code = "import subprocess, sys, time; p = subprocess.Popen(['sleep', '30']); print(p.pid, flush=True); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(proc.stdout.readline())
+        assert gpu._descendants(proc.pid) == [grandchild]
+        assert proc.pid in gpu._descendants(os.getpid())
+        assert gpu._descendants(os.getpid()).index(proc.pid) < gpu._descendants(os.getpid()).index(grandchild)
+    finally:
+        for pid in [*gpu._descendants(proc.pid), proc.pid]:
+            os.kill(pid, 9)
+        proc.wait()
+
+
 def test_partial_report_is_not_ok(gpu):
     report = {"device": "cpu", "seconds": 1.0, "phases": {"data": {"ok": True}, "correctness": {"ok": True}}}
     assert gpu.result_line(report).startswith("RESULT ok=0 ")
