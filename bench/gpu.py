@@ -5,7 +5,8 @@ Run (one GPU; about 4-6 minutes, each phase capped by its time budget, 7.7 minut
     python bench/gpu.py                       # writes runs/bench/gpu.json, last line RESULT ...
     python bench/gpu.py --dry-run             # the same on CPU with a tiny model (~1 minute)
 
-Phases (a phase that fails or runs out of time records its error in the JSON; the next runs):
+Phases (a phase that fails or runs out of time records its error in the JSON; the next runs; the JSON
+is rewritten after every phase, so a run killed from outside leaves the phases it finished):
 
 1. ``correctness``: every attention layout (``bars``, ``rows``, ``varlen``; see
    :mod:`musicbert.attention`) against plain math attention (the ``rows`` layout under SDPA's MATH
