@@ -63,6 +63,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from musicbert import checkpoint as ckpt
 from musicbert import distributed as dist_utils
 from musicbert import run_lock
+from musicbert.attention import varlen_usable
 from musicbert.config import Config, ConfigError, load_config
 from musicbert.data import TrainStream
 from musicbert.meter import Meter
@@ -272,6 +273,9 @@ def build_training(cfg: Config, info: dist_utils.DistInfo) -> Training:
     weights (DDP also broadcasts rank 0's); the RNG is then re-seeded per rank for dropout."""
     device = info.device
     precision, amp_dtype, use_scaler = autocast_settings(cfg.train.precision, device)
+    if cfg.train.attention == "varlen" and not varlen_usable(device, amp_dtype or torch.float32):
+        raise ConfigError(f"train.attention varlen needs a CUDA GPU with flash attention (sm80+) and train.precision bf16 or fp16, "
+                          f"not {device.type} with {precision}; use train.attention auto (varlen where it runs, bars elsewhere)")  # fmt: skip
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

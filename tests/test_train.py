@@ -347,6 +347,22 @@ def test_precision_auto_on_cuda(monkeypatch, native_bf16):
     assert train_ddp.autocast_settings("auto", torch.device("cpu")) == ("fp32", None, False)
 
 
+@pytest.mark.parametrize(("device", "precision"), [("cpu", "bf16"), ("cuda", "fp32")])
+def test_varlen_where_it_cannot_run_is_a_config_error(monkeypatch, tmp_path, device, precision):
+    """Refused before the model is built (exit 2 with one line), not by a RuntimeError in the first forward."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import torch
+    import train_ddp
+
+    from musicbert.config import ConfigError, load_config
+    from musicbert.distributed import DistInfo
+
+    cfg = load_config(tiny_config(tmp_path, tmp_path), ["train.attention=varlen", f"train.precision={precision}"])
+    info = DistInfo(0, 0, 1, torch.device(device, 0) if device == "cuda" else torch.device(device), "gloo")
+    with pytest.raises(ConfigError, match=f"train.attention varlen needs a CUDA GPU.*not {device} with {precision}"):
+        train_ddp.build_training(cfg, info)
+
+
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     import torch
     import torch.distributed as dist
