@@ -59,6 +59,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError("device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InferenceError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return device
 
 

@@ -11,7 +11,7 @@ import torch
 
 from eval_helpers import tiny_model
 from musicbert.feature_store import ArrayRows, FeatureStore
-from musicbert.inference import InferenceError, encode_bars, parse_layers, resolve_precision
+from musicbert.inference import InferenceError, encode_bars, parse_layers, resolve_device, resolve_precision
 from musicbert.packing import pack_bars
 from musicbert.probes import (
     METRICS,
@@ -331,6 +331,14 @@ def test_precision_auto_is_fp32_on_cpu():
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(InferenceError, match="fp16"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_a_cuda_device_that_is_not_there_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(InferenceError, match=r"cuda:1 asked for, but this machine has 1 CUDA device"):
+        resolve_device("cuda:1")
 
 
 @pytest.mark.parametrize("native", [True, False])
